@@ -1,0 +1,18 @@
+"""The CI assets of one repository, grouped and key-prefixed by its name."""
+
+from dagster import AssetsDefinition, DynamicPartitionsDefinition
+
+from assets.build import build_asset
+from assets.source import source_asset
+from assets.tests import report_assets
+from cicd_dagster.config import RepositoryConfig
+
+
+def ci_assets(
+    repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
+) -> list[AssetsDefinition]:
+    return [
+        source_asset(repository, partitions),
+        build_asset(repository, partitions),
+        *report_assets(repository, partitions),
+    ]

@@ -1,0 +1,11 @@
+"""The build history DB (SQLAlchemy + Alembic, SQLite or PostgreSQL); no Dagster in here."""
+
+from cicd_dagster.store.history import (
+    ArtifactRecord,
+    CommitRecord,
+    GateRecord,
+    HistoryStore,
+    StageRecord,
+)
+
+__all__ = ["ArtifactRecord", "CommitRecord", "GateRecord", "HistoryStore", "StageRecord"]

@@ -1,0 +1,100 @@
+"""What every stage asset shares: run tags, the stage context, failures with a log tail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    Failure,
+    MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+)
+
+from cicd_dagster.resources import CicdResource
+from cicd_dagster.stages import StageContext
+from cicd_dagster.store import StageRecord
+
+# Run tags set by the repository sensor and by `cicd run`.
+REF_TAG = "cicd/ref"
+BRANCH_TAG = "cicd/branch"
+FORCE_TAG = "cicd/force"
+DETECTED_AT_TAG = "cicd/detected_at"
+
+
+def stage_context(context: AssetExecutionContext, cicd: CicdResource, repository: str) -> StageContext:
+    tags = context.run.tags
+    return StageContext.for_commit(
+        cicd.control_config(),
+        repository,
+        context.partition_key,
+        ref=tags.get(REF_TAG),
+        branch=tags.get(BRANCH_TAG) or None,
+        on_line=cicd.log_line,
+        force=tags.get(FORCE_TAG) == "true",
+    )
+
+
+def fail_stage(
+    context: AssetExecutionContext,
+    cicd: CicdResource,
+    ctx: StageContext,
+    stage: str,
+    started_at: datetime,
+    error: Exception,
+) -> Failure:
+    """Record a failed stage in the history DB and build the Failure that shows why."""
+    message = ctx.masker.mask(str(error))
+    cicd.history().record_stage(
+        ctx.repository.name,
+        ctx.sha,
+        StageRecord(
+            name=stage,
+            status="failed",
+            started_at=started_at,
+            duration_s=(datetime.now(UTC) - started_at).total_seconds(),
+            detail=message[-4000:],
+            run_id=context.run_id,
+        ),
+    )
+    return Failure(
+        description=message,
+        metadata={"status": "failed", "error": MetadataValue.md(f"```\n{message}\n```")},
+        allow_retries=False,
+    )
+
+
+def table(frame: pd.DataFrame, columns: Iterable[str], limit: int = 50) -> MetadataValue:
+    """A DataFrame as a metadata table (the first `limit` rows), typed for the UI."""
+    names = list(columns)
+    records = [
+        TableRecord({name: _plain(row[name]) for name in names})
+        for _, row in frame[names].head(limit).iterrows()
+    ]
+    schema = [TableColumn(name, _column_type(frame[name])) for name in names]
+    return MetadataValue.table(records, schema=TableSchema(columns=schema))
+
+
+def _plain(value: object) -> str | int | float | bool | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    if isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        plain: str | int | float | bool = value.item()
+        return plain
+    return str(value)
+
+
+def _column_type(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int"
+    if pd.api.types.is_float_dtype(series):
+        return "float"
+    return "string"

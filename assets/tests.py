@@ -1,0 +1,164 @@
+"""unit_tests, integration_tests, e2e_tests, performance_tests: test reports as assets.
+
+Each materializes the stage's report and answers its quality gates as blocking asset
+checks, so a failed gate stops everything downstream in the run.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    DynamicPartitionsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.common import fail_stage, stage_context, table
+from cicd_dagster.config import RepositoryConfig
+from cicd_dagster.resources import CicdResource
+from cicd_dagster.stages import StageError
+from cicd_dagster.stages.build import load_build
+from cicd_dagster.stages.gates import GATES_BY_STAGE, evaluate_gates
+from cicd_dagster.stages.source import load_source
+from cicd_dagster.stages.tests import TEST_STAGES, TestStageOutcome, run_test_stage
+from cicd_dagster.store import StageRecord
+
+GATE_DESCRIPTIONS = {
+    "min_pass_rate": "Share of non-skipped tests that passed is at least gates.min_pass_rate.",
+    "min_coverage": "Line coverage is at least gates.min_coverage.",
+    "max_perf_regression": "No benchmark is slower than the last green default-branch "
+    "run by more than gates.max_perf_regression.",
+}
+
+
+def report_asset(
+    repository: RepositoryConfig, partitions: DynamicPartitionsDefinition, stage: str
+) -> AssetsDefinition:
+    key = AssetKey([repository.name, f"{stage}_tests"])
+
+    @asset(
+        key=key,
+        deps=[AssetKey([repository.name, "build"])],
+        group_name=repository.name,
+        partitions_def=partitions,
+        kinds={"pytest"} if stage != "performance" else {"pytest", "benchmark"},
+        description=f"The {stage} test report of the commit.",
+        check_specs=[
+            AssetCheckSpec(name, asset=key, blocking=True, description=GATE_DESCRIPTIONS[name])
+            for name in GATES_BY_STAGE[stage]
+        ],
+    )
+    def tests(
+        context: AssetExecutionContext, cicd: CicdResource
+    ) -> Iterator[MaterializeResult | AssetCheckResult]:
+        ctx = stage_context(context, cicd, repository.name)
+        started_at = datetime.now(UTC)
+        history = cicd.history()
+        try:
+            pipeline, _, default_branch = load_source(ctx)
+            build = load_build(ctx, pipeline)
+            baseline = (
+                history.last_green_benchmarks(repository.name, default_branch, before_sha=ctx.sha)
+                if stage == "performance"
+                else None
+            )
+            outcome = run_test_stage(ctx, stage, pipeline, build.env_dir, build.env_key, baseline)
+        except StageError as error:
+            raise fail_stage(context, cicd, ctx, stage, started_at, error) from error
+        gates = evaluate_gates(pipeline.gates, outcome)
+        summary = outcome.summary
+        history.record_stage(
+            repository.name,
+            ctx.sha,
+            StageRecord(
+                name=stage,
+                status=outcome.status,
+                started_at=started_at,
+                duration_s=outcome.duration_s,
+                tests=summary.tests if summary else None,
+                passed=summary.passed if summary else None,
+                failed=summary.failed if summary else None,
+                errors=summary.errors if summary else None,
+                skipped=summary.skipped if summary else None,
+                flaky=summary.flaky if summary else None,
+                pass_rate=summary.pass_rate if summary else None,
+                coverage=outcome.coverage.line_rate if outcome.coverage else None,
+                detail=outcome.failure,
+                reused=outcome.reused,
+                run_id=context.run_id,
+            ),
+        )
+        if outcome.cases is not None:
+            history.record_test_cases(repository.name, ctx.sha, stage, outcome.cases)
+        if outcome.benchmarks is not None:
+            history.record_benchmarks(repository.name, ctx.sha, stage, outcome.benchmarks)
+        history.record_gates(repository.name, ctx.sha, stage, gates)
+        yield MaterializeResult(metadata=report_metadata(outcome))
+        for gate in gates:
+            yield AssetCheckResult(
+                check_name=gate.name,
+                passed=gate.passed,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={
+                    "detail": gate.detail,
+                    "value": gate.value,
+                    "threshold": gate.threshold,
+                },
+            )
+
+    return tests
+
+
+def report_metadata(outcome: TestStageOutcome) -> dict[str, object]:
+    """Counts and rates as numbers (so the UI plots them), failures and slow tests as tables."""
+    if not outcome.configured:
+        return {"status": "not_configured"}
+    summary = outcome.summary
+    cases = outcome.cases
+    assert summary is not None and cases is not None
+    failures = cases[cases["status"].isin(["failed", "error"])]
+    slowest = cases.sort_values("duration_s", ascending=False)
+    metadata: dict[str, object] = {
+        "status": outcome.status,
+        "tests": summary.tests,
+        "passed": summary.passed,
+        "failed": summary.failed,
+        "errors": summary.errors,
+        "skipped": summary.skipped,
+        "flaky": summary.flaky,
+        "pass_rate": summary.pass_rate,
+        "duration_s": round(outcome.duration_s, 3),
+        "test_time_s": round(summary.duration_s, 3),
+        "reused": outcome.reused,
+        "reports": ", ".join(outcome.reports),
+        "failures": table(failures, ["classname", "name", "status", "message"]),
+        "slowest_tests": table(slowest, ["classname", "name", "duration_s"], limit=10),
+        "summary": MetadataValue.md(
+            f"**{summary.passed}/{summary.tests}** passed, {summary.failed} failed, "
+            f"{summary.errors} errors, {summary.skipped} skipped"
+            + (f"\n\n{outcome.failure}" if outcome.failure else "")
+        ),
+    }
+    if outcome.coverage is not None:
+        metadata["line_coverage"] = outcome.coverage.line_rate
+    if outcome.benchmarks is not None:
+        metadata["benchmarks"] = table(
+            outcome.benchmarks, ["name", "mean_s", "baseline_mean_s", "regression"]
+        )
+        worst = outcome.benchmarks["regression"].max()
+        if worst == worst:  # not NaN
+            metadata["max_regression"] = float(worst)
+    return metadata
+
+
+def report_assets(
+    repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
+) -> list[AssetsDefinition]:
+    return [report_asset(repository, partitions, stage) for stage in TEST_STAGES]

@@ -1,0 +1,343 @@
+"""The `cicd` command: validate, run, history, ui, demo.
+
+Exit codes: 0 green, 1 red (a failed stage or gate), 2 usage or configuration error.
+Machine-readable output goes to stdout; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cicd_dagster.config import (
+    ConfigError,
+    ControlConfig,
+    RepositoryConfig,
+    load_control_config,
+    parse_pipeline_config,
+)
+from cicd_dagster.git import GitError, Mirror, ls_remote, select_refs
+from cicd_dagster.report import STAGES, run_report
+from cicd_dagster.store import HistoryStore
+
+app = typer.Typer(
+    help="cicd-dagster: a CI/CD control plane in which every product of delivery is a "
+    "Dagster asset.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+history_app = typer.Typer(help="Query the history DB.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
+
+err = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="cicd.yaml (default: $CICD_CONFIG or ./cicd.yaml)"),
+]
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: exit 2."""
+
+
+_state: dict[str, Path | None] = {"config": None}
+
+
+@app.callback()
+def main_options(config: ConfigOption = None) -> None:
+    _state["config"] = config
+
+
+def _config(local: Path | None = None) -> ControlConfig:
+    path = local or _state["config"] or Path(os.environ.get("CICD_CONFIG", "cicd.yaml"))
+    config = load_control_config(path.resolve())
+    # The Dagster code location reads the same file.
+    os.environ["CICD_CONFIG"] = str(config.config_path)
+    return config
+
+
+def _repository(config: ControlConfig, name: str) -> RepositoryConfig:
+    names = [r.name for r in config.repositories]
+    if name not in names:
+        raise UsageError(f"unknown repository {name!r}; cicd.yaml has: {', '.join(names)}")
+    return config.repository(name)
+
+
+@app.command()
+def validate(config: ConfigOption = None) -> None:
+    """Check cicd.yaml and the .cicd.yml at the head of every watched ref."""
+    control = _config(config)
+    problems = 0
+    for repo in control.repositories:
+        try:
+            state = ls_remote(repo.url)
+        except GitError as error:
+            err.print(f"[red]✗[/] {repo.name}: {error}")
+            problems += 1
+            continue
+        mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
+        mirror.fetch()
+        for ref in select_refs(state, repo.branches, repo.tags, repo.default_branch):
+            source = f"{repo.name}@{ref.short}:.cicd.yml"
+            text = mirror.read_file(ref.sha, ".cicd.yml")
+            try:
+                if text is None:
+                    raise UsageError(f"{source}: no .cicd.yml at {ref.sha[:12]}")
+                parse_pipeline_config(text, source)
+            except (ConfigError, UsageError) as error:
+                err.print(f"[red]✗[/] {error}", markup=False, highlight=False)
+                problems += 1
+            else:
+                err.print(f"[green]✓[/] {source} ({ref.sha[:12]})")
+    if problems:
+        raise typer.Exit(2)
+    err.print(f"[green]✓[/] {control.config_path}")
+
+
+@app.command()
+def run(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    ref: Annotated[str | None, typer.Option(help="branch, tag or sha (default: the default branch)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the run as JSON")] = False,
+    force: Annotated[bool, typer.Option(help="re-run stages even if their inputs are unchanged")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream step logs")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Materialize the CI assets of one commit in-process (the same definitions as the UI)."""
+    from jobs.inprocess import new_run_id, run_commit
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
+    mirror.fetch()
+    target = ref or repo.default_branch or ls_remote(str(mirror.path)).default_branch or "main"
+    try:
+        sha = mirror.resolve(target)
+    except GitError as error:
+        raise UsageError(f"{repo.name}: cannot resolve {target!r}: {error}") from error
+    branches = {r.short for r in ls_remote(str(mirror.path)).refs if r.kind == "branch"}
+    branch = target if target in branches else None
+    history = HistoryStore(control.history_db_url)
+    run_id = new_run_id()
+    err.print(f"[bold]{repo.name}[/] {target} @ {sha[:12]}  run {run_id}")
+    with _StageProgress(history, repo.name, sha, run_id, enabled=not verbose):
+        run_commit(
+            control,
+            repo.name,
+            sha,
+            ref=target,
+            branch=branch,
+            run_id=run_id,
+            force=force,
+            stream_logs=verbose,
+        )
+    report = run_report(history, repo.name, sha, run_id, ref=target, branch=branch)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        _print_report(report)
+    raise typer.Exit(0 if report["status"] == "success" else 1)
+
+
+class _StageProgress:
+    """A live line per stage, filled in from the history DB as stages finish."""
+
+    def __init__(
+        self, history: HistoryStore, repository: str, sha: str, run_id: str, *, enabled: bool
+    ) -> None:
+        self.history, self.repository, self.sha, self.run_id = history, repository, sha, run_id
+        self.enabled = enabled
+        self.stop = threading.Event()
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err
+        )
+        self.tasks = {name: self.progress.add_task(f"{name:<12}", total=1) for name in STAGES}
+
+    def __enter__(self) -> _StageProgress:
+        if self.enabled:
+            self.progress.start()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self._update()
+            self.progress.stop()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            self._update()
+
+    def _update(self) -> None:
+        rows = self.history.stage_rows(self.repository, self.sha)
+        for row in rows.to_dict("records"):
+            if row["run_id"] == self.run_id and row["name"] in self.tasks:
+                style = {"success": "green", "failed": "red"}.get(row["status"], "dim")
+                self.progress.update(
+                    self.tasks[row["name"]],
+                    completed=1,
+                    description=f"{row['name']:<12} [{style}]{row['status']}[/]",
+                )
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['repository']} @ {report['commit'][:12]}: {report['status']}")
+    for column in ("stage", "status", "duration_s", "tests", "passed", "failed", "errors", "skipped"):
+        table.add_column(column)
+    for name, stage in report["stages"].items():
+        table.add_row(
+            name,
+            stage["status"],
+            f"{stage['duration_s']:.1f}",
+            *(str(stage.get(k, "")) for k in ("tests", "passed", "failed", "errors", "skipped")),
+        )
+    Console().print(table)
+    for gate in report["gates"]:
+        mark = "[green]✓[/]" if gate["passed"] else "[red]✗[/]"
+        Console().print(f"{mark} {gate['name']}: {gate['detail']}", highlight=False)
+
+
+def _since(value: str | None) -> datetime | None:
+    """`30d`, `12h`, `45m` ago, or an ISO date/time."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)([dhm])", value.strip())
+    if match:
+        amount, unit = int(match[1]), match[2]
+        delta = {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+        return datetime.now(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise UsageError(f"--since {value!r}: use 30d, 12h, 45m or an ISO date") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _emit(frame: pd.DataFrame, output: OutputFormat) -> None:
+    if output is OutputFormat.json:
+        sys.stdout.write(frame.to_json(orient="records", date_format="iso", indent=2) + "\n")
+    elif output is OutputFormat.csv:
+        sys.stdout.write(frame.to_csv(index=False))
+    else:
+        table = Table(show_lines=False)
+        for column in frame.columns:
+            table.add_column(str(column))
+        for row in frame.itertuples(index=False):
+            table.add_row(*("" if pd.isna(v) else str(v) for v in row))
+        Console().print(table)
+
+
+RepoOption = Annotated[str | None, typer.Option("--repo", help="only this repository")]
+SinceOption = Annotated[str | None, typer.Option(help="30d, 12h, 45m or an ISO date")]
+BranchOption = Annotated[str | None, typer.Option(help="only this branch")]
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table, json or csv")]
+
+
+@history_app.command("builds")
+def history_builds(
+    repo: RepoOption = None,
+    since: SinceOption = None,
+    branch: BranchOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per built commit: status, duration and test counts."""
+    history = HistoryStore(_config(config).history_db_url)
+    _emit(history.builds(repository=repo, since=_since(since), branch=branch), output)
+
+
+@history_app.command("tests")
+def history_tests(
+    repo: RepoOption = None,
+    since: SinceOption = None,
+    branch: BranchOption = None,
+    stage: Annotated[str | None, typer.Option(help="unit, integration, e2e or performance")] = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per test case per build."""
+    history = HistoryStore(_config(config).history_db_url)
+    frame = history.tests(repository=repo, since=_since(since), branch=branch, stage=stage)
+    _emit(frame, output)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="webserver port")] = 3000,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    config: ConfigOption = None,
+) -> None:
+    """Start the Dagster UI and daemon (dagster dev) on this control plane."""
+    control = _config(config)
+    control.dagster_home.mkdir(parents=True, exist_ok=True)
+    workspace = control.home / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n  - python_module:\n      module_name: cicd_dagster.definitions\n"
+        "      attribute: defs\n"
+    )
+    env = {**os.environ, "CICD_CONFIG": str(control.config_path)}
+    env.setdefault("DAGSTER_HOME", str(control.dagster_home))
+    dagster = Path(sys.executable).with_name("dagster")
+    args = [str(dagster), "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
+    os.execvpe(args[0], args, env)  # noqa: S606 -- fixed argv, replaces this process
+
+
+@app.command()
+def demo(
+    run_it: Annotated[bool, typer.Option("--run/--no-run", help="run the demo's CI once")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Create the local demo repository named in cicd.yaml (if missing) and run its CI."""
+    from cicd_dagster.demo import create_demo_repository
+
+    control = _config(config)
+    repo = control.repositories[0]
+    path = Path(repo.url)
+    if create_demo_repository(path):
+        err.print(f"created demo repository {path}")
+    if run_it:
+        run(repo.name, ref=None, as_json=False, force=False, verbose=False, config=config)
+
+
+def main() -> None:
+    try:
+        # Without standalone mode click returns the exit code instead of raising it.
+        code = app(standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (ConfigError, UsageError) as error:
+        err.print(f"error: {error}", markup=False, highlight=False)
+        sys.exit(2)
+    except GitError as error:
+        err.print(f"git: {error}", markup=False, highlight=False)
+        sys.exit(2)
+    except Exception as error:  # click usage errors and the like
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(2)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

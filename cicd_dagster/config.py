@@ -1,0 +1,709 @@
+"""The two files users write: cicd.yaml (the control plane) and .cicd.yml (pipeline as code,
+read from each commit of a watched repository).
+
+Both are parsed with ruamel's round-trip loader, which remembers where every key and item
+came from, and validated by pydantic models that reject unknown keys. Every problem is
+raised as a ConfigError naming the file, the 1-based line and the field, so a user can fix
+it without reading this module.
+"""
+
+import difflib
+import itertools
+import re
+import types
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedBase, CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scalarbool import ScalarBoolean
+
+DEFAULT_CONFIG_NAME = "cicd.yaml"
+PIPELINE_FILE_NAME = ".cicd.yml"
+
+
+class ConfigError(Exception):
+    """A problem in a config file: where it is (file, line, field) and what is wrong.
+
+    When a file has several problems, the first one by line is described by the attributes
+    and the others are kept in `further_errors`; str() lists them all, one per line.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        line: int | None,
+        field: str,
+        message: str,
+        further_errors: tuple["ConfigError", ...] = (),
+    ) -> None:
+        super().__init__(path, line, field, message, further_errors)
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        self.further_errors = further_errors
+
+    def __str__(self) -> str:
+        return "\n".join(error._describe_one() for error in (self, *self.further_errors))
+
+    def _describe_one(self) -> str:
+        location = self.path if self.line is None else f"{self.path}:{self.line}"
+        return ": ".join(part for part in (location, self.field, self.message) if part)
+
+
+# --- field types ---------------------------------------------------------------------------
+
+_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_resource_name(value: str) -> str:
+    if not _NAME_PATTERN.fullmatch(value):
+        raise PydanticCustomError(
+            "invalid_name",
+            '"{name}" is not a valid name: use lowercase letters, digits, "-" and "_", '
+            "starting with a letter or digit, at most 64 characters",
+            {"name": value},
+        )
+    return value
+
+
+def _check_env_var_name(value: str) -> str:
+    if not _ENV_VAR_NAME_PATTERN.fullmatch(value):
+        hint = ' (write the name without "$")' if value.startswith("$") else ""
+        raise PydanticCustomError(
+            "invalid_env_var_name",
+            '"{name}" is not a valid environment variable name: use letters, digits and "_",'
+            " not starting with a digit{hint}",
+            {"name": value, "hint": hint},
+        )
+    return value
+
+
+def _check_relative_glob(value: str) -> str:
+    # These globs are expanded inside a checkout or a reports folder of an untrusted commit;
+    # an absolute path or a ".." would let it read or publish files of the host.
+    if not value:
+        raise PydanticCustomError("empty_glob", "must not be empty")
+    path = PurePosixPath(value)
+    if path.is_absolute() or value.startswith("~"):
+        raise PydanticCustomError(
+            "absolute_glob", '"{glob}" must be a relative path (it is absolute)', {"glob": value}
+        )
+    if ".." in path.parts:
+        raise PydanticCustomError(
+            "escaping_glob",
+            '"{glob}" must stay inside its folder: ".." is not allowed',
+            {"glob": value},
+        )
+    return value
+
+
+def _check_command(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_command", "a command must not be empty")
+    if "\0" in value:
+        raise PydanticCustomError("nul_in_command", "a command must not contain a NUL character")
+    return value
+
+
+def _string_to_list(value: object) -> object:
+    """`install: pip install .` is shorthand for a list of one command."""
+    return [value] if isinstance(value, str) else value
+
+
+def _scalar_to_text(value: object) -> object:
+    """Turns what YAML read as a boolean or whole number back into the text the user meant.
+
+    Numbers with a decimal point and empty values are refused instead: YAML has already
+    turned 3.10 into 3.1, and null has no text a user would expect.
+    """
+    if value is None:
+        raise PydanticCustomError("missing_text", 'has no value: write "" for an empty string')
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        raise PydanticCustomError(
+            "number_not_text",
+            "YAML reads this as the number {number} (3.10 would become 3.1): "
+            "put the value in quotes to keep it as written",
+            {"number": value},
+        )
+    return value
+
+
+def _check_env_var_value(value: str) -> str:
+    if "\0" in value:
+        raise PydanticCustomError(
+            "nul_in_env_var", "an environment variable must not contain a NUL character"
+        )
+    return value
+
+
+ResourceName = Annotated[str, AfterValidator(_check_resource_name)]
+EnvVarName = Annotated[str, AfterValidator(_check_env_var_name)]
+EnvVarValue = Annotated[str, BeforeValidator(_scalar_to_text), AfterValidator(_check_env_var_value)]
+RelativeGlob = Annotated[str, AfterValidator(_check_relative_glob)]
+Command = Annotated[str, AfterValidator(_check_command)]
+CommandList = Annotated[list[Command], BeforeValidator(_string_to_list)]
+Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- cicd.yaml -----------------------------------------------------------------------------
+
+# A git URL with a scheme (https://, ssh://, file://) or in scp form (user@host:path);
+# like git, a colon before any slash means a remote.
+_REMOTE_URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|[^/]*:")
+# sqlite:///relative.db, sqlite+pysqlite:///relative.db?mode=ro (four slashes = absolute)
+_SQLITE_URL_PATTERN = re.compile(r"(?P<prefix>sqlite(?:\+\w+)?:///)(?P<path>[^?]*)(?P<query>.*)")
+
+
+def _config_path(info: ValidationInfo) -> Path:
+    """The cicd.yaml being validated, given by the loader; ./cicd.yaml for models built in code."""
+    context = info.context or {}
+    config_path: Path = context.get("config_path", Path.cwd() / DEFAULT_CONFIG_NAME)
+    return config_path
+
+
+def _resolve_path(path: Path, base_dir: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+class _NamedModel(_StrictModel):
+    name: ResourceName
+    """Unique among its siblings; used in asset keys."""
+
+
+NamedModelT = TypeVar("NamedModelT", bound=_NamedModel)
+
+
+class RepositoryConfig(_NamedModel):
+    """A watched git repository."""
+
+    url: str = Field(min_length=1)
+    branches: list[str] | None = None
+    """fnmatch patterns of the branches to build; None = the default branch only."""
+    tags: list[str] = []
+    default_branch: str | None = None
+    """None = detect from the remote HEAD."""
+    secrets: list[EnvVarName] = []
+    """Environment variables of the cicd process passed to steps and masked in logs."""
+    poll_interval_s: int = Field(default=30, ge=5, le=86400)
+    keep_workspaces: int = Field(default=20, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _resolve_local_url(cls, url: str, info: ValidationInfo) -> str:
+        # A relative local path means "next to cicd.yaml", not "wherever cicd was started".
+        if _REMOTE_URL_PATTERN.match(url) or Path(url).is_absolute():
+            return url
+        base_dir = _config_path(info).parent
+        if url.startswith(("./", "../")) or (base_dir / url).exists():
+            return str((base_dir / url).resolve())
+        return url
+
+
+class TargetConfig(_StrictModel):
+    type: Literal["local", "docker"] = "local"
+    image: str | None = None
+
+
+class StrategyConfig(_StrictModel):
+    type: Literal["recreate", "rolling", "blue_green", "canary"] = "recreate"
+    replicas: int = Field(default=1, ge=1)
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = []
+    """Percentages of traffic, increasing; a canary without steps uses 10, 50, 100."""
+    analysis: dict[str, float] = {}
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, steps: list[int]) -> list[int]:
+        for earlier, later in itertools.pairwise(steps):
+            if later <= earlier:
+                raise PydanticCustomError(
+                    "steps_not_increasing",
+                    "steps must increase, but {earlier} is followed by {later}",
+                    {"earlier": earlier, "later": later},
+                )
+        return steps
+
+    @model_validator(mode="after")
+    def _default_canary_steps(self) -> Self:
+        if self.type == "canary" and not self.steps:
+            self.steps = [10, 50, 100]
+        return self
+
+
+class ApprovalConfig(_StrictModel):
+    required: int = Field(default=1, ge=1)
+    roles: list[str] = []
+    """Roles allowed to approve; empty = any user."""
+
+
+class EnvironmentConfig(_NamedModel):
+    """A stage of the promotion chain."""
+
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    auto_deploy: bool = False
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    approvals: ApprovalConfig | None = None
+
+
+class UserConfig(_StrictModel):
+    roles: list[str] = []
+
+
+NotificationEvent = Literal[
+    "failed", "deployed", "rolled_back", "approval_requested", "released", "security_finding"
+]
+
+
+class NotificationConfig(_StrictModel):
+    type: Literal["webhook", "smtp"]
+    url: str | None = None
+    """The webhook to POST to, or the SMTP server (smtp://host:port)."""
+    to: list[str] = []
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: list(get_args(NotificationEvent))
+    )
+
+    @model_validator(mode="after")
+    def _has_destination(self) -> Self:
+        if self.url is None:
+            raise PydanticCustomError(
+                "missing_url", "a {type} notification needs a url", {"type": self.type}
+            )
+        if self.type == "smtp" and not self.to:
+            raise PydanticCustomError(
+                "missing_recipients", 'an smtp notification needs at least one address in "to"'
+            )
+        return self
+
+
+class LicensesConfig(_StrictModel):
+    allow: list[str] = []
+    deny: list[str] = []
+
+
+class SecurityConfig(_StrictModel):
+    advisory_db: Path | None = None
+    fail_on: Literal["low", "medium", "high", "critical"] = "high"
+    licenses: LicensesConfig = Field(default_factory=LicensesConfig)
+
+    @field_validator("advisory_db")
+    @classmethod
+    def _resolve_advisory_db(cls, advisory_db: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(advisory_db, _config_path(info).parent)
+
+
+class ControlConfig(_StrictModel):
+    """cicd.yaml. Relative paths in it are relative to the folder that holds it."""
+
+    home: Path = Field(default=Path(".cicd"), validate_default=True)
+    history_db: str | None = None
+    """Any SQLAlchemy URL; None = SQLite in home. See history_db_url."""
+    repositories: list[RepositoryConfig] = Field(min_length=1)
+    environments: list[EnvironmentConfig] = []
+    """The promotion chain, in order."""
+    users: dict[str, UserConfig] = {}
+    notifications: list[NotificationConfig] = []
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+
+    _config_path: Path = PrivateAttr()
+
+    @field_validator("home")
+    @classmethod
+    def _resolve_home(cls, home: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(home, _config_path(info).parent)
+
+    @field_validator("repositories", "environments")
+    @classmethod
+    def _names_are_unique(cls, items: list[NamedModelT], info: ValidationInfo) -> list[NamedModelT]:
+        first_index_by_name: dict[str, int] = {}
+        duplicates: list[InitErrorDetails] = []
+        for index, item in enumerate(items):
+            first_index = first_index_by_name.setdefault(item.name, index)
+            if first_index != index:
+                duplicates.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "duplicate_name",
+                            'duplicate name "{name}" (first used by {field}[{first_index}])',
+                            {
+                                "name": item.name,
+                                "field": info.field_name,
+                                "first_index": first_index,
+                            },
+                        ),
+                        loc=(index, "name"),
+                        input=item.name,
+                    )
+                )
+        if duplicates:
+            # Raised as a ValidationError so that each error points at the duplicate's own
+            # "name" line rather than at the whole list.
+            raise ValidationError.from_exception_data(cls.__name__, duplicates)
+        return items
+
+    @model_validator(mode="after")
+    def _remember_config_path(self, info: ValidationInfo) -> Self:
+        self._config_path = _config_path(info)
+        return self
+
+    @property
+    def config_path(self) -> Path:
+        return self._config_path
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths of the config are resolved against."""
+        return self._config_path.parent
+
+    def repository(self, name: str) -> RepositoryConfig:
+        for repository in self.repositories:
+            if repository.name == name:
+                return repository
+        known = ", ".join(r.name for r in self.repositories)
+        raise KeyError(f"unknown repository {name!r}; {self.config_path.name} has: {known}")
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def git_dir(self) -> Path:
+        return self.home / "git"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.home / "workspaces"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.home / "envs"
+
+    @property
+    def history_db_url(self) -> str:
+        """The SQLAlchemy URL of the history DB, a relative SQLite path made absolute."""
+        if self.history_db is None:
+            return f"sqlite:///{self.home / 'history.db'}"
+        sqlite_url = _SQLITE_URL_PATTERN.fullmatch(self.history_db)
+        if sqlite_url is None:
+            return self.history_db
+        path = sqlite_url["path"]
+        if path in ("", ":memory:") or path.startswith(("/", "file:")):
+            return self.history_db
+        absolute_path = _resolve_path(Path(path), self.base_dir)
+        return f"{sqlite_url['prefix']}{absolute_path}{sqlite_url['query']}"
+
+
+# --- .cicd.yml -----------------------------------------------------------------------------
+
+
+class BuildConfig(_StrictModel):
+    install: CommandList = []
+    """Commands that install dependencies into the build's isolated env."""
+    cache: list[RelativeGlob] = []
+    """Files whose content hash keys the dependency env."""
+    steps: CommandList = []
+    artifacts: list[RelativeGlob] = []
+    """Globs relative to the checkout."""
+    timeout_s: Timeout = 1800.0
+    python: Annotated[str, BeforeValidator(_scalar_to_text)] | None = None
+    """The interpreter of the env, e.g. "3.11"."""
+
+
+class TestStageConfig(_StrictModel):
+    __test__: ClassVar[bool] = False  # a model, not a pytest test class
+
+    run: CommandList = Field(min_length=1)
+    reports: RelativeGlob = "**/*.xml"
+    """JUnit XML files, relative to $CICD_REPORTS_DIR."""
+    coverage: RelativeGlob | None = None
+    """A Cobertura XML file relative to $CICD_REPORTS_DIR."""
+    benchmarks: RelativeGlob | None = None
+    """pytest-benchmark JSON files relative to $CICD_REPORTS_DIR."""
+    timeout_s: Timeout = 1800.0
+
+
+class TestsConfig(_StrictModel):
+    __test__: ClassVar[bool] = False  # a model, not a pytest test class
+
+    unit: TestStageConfig | None = None
+    integration: TestStageConfig | None = None
+    e2e: TestStageConfig | None = None
+    performance: TestStageConfig | None = None
+
+    @model_validator(mode="after")
+    def _default_performance_benchmarks(self) -> Self:
+        if self.performance is not None and self.performance.benchmarks is None:
+            self.performance.benchmarks = "**/*.json"
+        return self
+
+    def stages(self) -> dict[str, TestStageConfig | None]:
+        """Every stage by name, in the order they run; None where not configured."""
+        return {
+            "unit": self.unit,
+            "integration": self.integration,
+            "e2e": self.e2e,
+            "performance": self.performance,
+        }
+
+
+class GatesConfig(_StrictModel):
+    min_pass_rate: float = Field(default=1.0, ge=0, le=1)
+    max_perf_regression: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """A fraction: 0.10 fails a commit that is more than 10 % slower than its baseline."""
+    min_coverage: float | None = Field(default=None, ge=0, le=1)
+
+
+class ServiceConfig(_StrictModel):
+    run: Command
+    health: str = Field(default="/healthz", pattern=r"^/")
+    port_env: EnvVarName = "PORT"
+
+
+class PipelineConfig(_StrictModel):
+    """.cicd.yml at the root of a watched repository."""
+
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    tests: TestsConfig = Field(default_factory=TestsConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    service: ServiceConfig | None = None
+    env: dict[EnvVarName, EnvVarValue] = {}
+    """Environment variables of every step."""
+
+
+# --- loading -------------------------------------------------------------------------------
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_control_config(path: Path) -> ControlConfig:
+    """Reads cicd.yaml; relative paths in it are resolved against its folder."""
+    document = _parse_yaml(_read_text(path), str(path))
+    return _validate(ControlConfig, document, str(path), {"config_path": path.resolve()})
+
+
+def parse_pipeline_config(text: str, source: str) -> PipelineConfig:
+    """Parses .cicd.yml text read from a commit; `source` names it in errors,
+    e.g. "shop-api@1a2b3c4:.cicd.yml"."""
+    return _validate(PipelineConfig, _parse_yaml(text, source), source)
+
+
+def load_pipeline_config(path: Path) -> PipelineConfig:
+    return parse_pipeline_config(_read_text(path), str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "", "does not exist") from None
+    except OSError as exc:
+        raise ConfigError(str(path), None, "", exc.strerror or str(exc)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), line, "", "is not valid UTF-8 text") from None
+
+
+def _parse_yaml(text: str, source: str) -> CommentedMap:
+    try:
+        document = YAML(typ="rt").load(text)  # duplicate keys raise DuplicateKeyError
+    except MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(source, line, "", _describe_yaml_error(exc)) from None
+    except ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        message = f"unacceptable character #x{code:04x}: {exc.reason}"
+        raise ConfigError(source, line, "", message) from None
+    if document is None:
+        raise ConfigError(source, None, "", "is empty")
+    if not isinstance(document, CommentedMap):
+        kind = "a list" if isinstance(document, CommentedSeq) else f"the value {document!r}"
+        raise ConfigError(
+            source, _node_line(document), "", f"must be a mapping of settings, not {kind}"
+        )
+    return document
+
+
+def _describe_yaml_error(exc: MarkedYAMLError) -> str:
+    message = exc.problem or exc.context or "invalid YAML"
+    if "'\\t'" in message:  # ruamel quotes the tab it found as '\t'
+        message += " (indent with spaces: YAML does not allow tabs)"
+    # An unclosed bracket is reported where the parser gave up; say where it was opened.
+    context_mark, problem_mark = exc.context_mark, exc.problem_mark
+    if (
+        exc.context
+        and context_mark
+        and problem_mark
+        and context_mark.line != problem_mark.line
+        and not isinstance(exc, DuplicateKeyError)
+    ):
+        message += f" ({exc.context} started at line {context_mark.line + 1})"
+    return message
+
+
+def _validate(
+    model: type[ModelT],
+    document: CommentedMap,
+    source: str,
+    context: dict[str, Any] | None = None,
+) -> ModelT:
+    try:
+        return model.model_validate(_to_plain(document), context=context)
+    except ValidationError as exc:
+        errors = sorted(
+            (
+                ConfigError(
+                    source,
+                    _line_of(document, detail["loc"]),
+                    _field_path(detail["loc"]),
+                    _describe_validation_error(detail, model),
+                )
+                for detail in exc.errors()
+            ),
+            key=lambda error: (error.line is None, error.line or 0),
+        )
+        first = errors[0]
+        raise ConfigError(
+            first.path, first.line, first.field, first.message, tuple(errors[1:])
+        ) from None
+
+
+def _to_plain(node: object, converted: dict[int, object] | None = None) -> object:
+    """Copies ruamel's round-trip types into plain dicts, lists and scalars.
+
+    A node that YAML aliases share is copied once and shared again, so a file of nested
+    aliases (a "billion laughs") stays as small as its text.
+    """
+    converted = {} if converted is None else converted
+    if id(node) in converted:
+        return converted[id(node)]
+    if isinstance(node, dict):
+        plain_mapping: dict[object, object] = {}
+        converted[id(node)] = plain_mapping
+        for key, value in node.items():
+            plain_mapping[_to_plain(key, converted)] = _to_plain(value, converted)
+        return plain_mapping
+    if isinstance(node, list):
+        plain_list: list[object] = []
+        converted[id(node)] = plain_list
+        plain_list.extend(_to_plain(item, converted) for item in node)
+        return plain_list
+    if isinstance(node, ScalarBoolean):
+        return bool(node)
+    for plain_type in (bool, str, int, float):
+        if isinstance(node, plain_type):
+            return plain_type(node)
+    return node
+
+
+def _node_line(node: object) -> int | None:
+    """The 1-based line where a YAML mapping or list starts; None for scalars."""
+    return node.lc.line + 1 if isinstance(node, CommentedBase) else None
+
+
+def _line_of(document: CommentedMap, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest node of `loc` (a pydantic error location) that the
+    YAML document has: the key of a mapping entry or the start of a list item. Missing
+    keys map to their parent; a value reached through a merge key (<<) maps to its mapping."""
+    node: object = document
+    line = _node_line(document)
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in (node.lc.data or {}):
+            line = node.lc.key(part)[0] + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            line = node.lc.item(part)[0] + 1
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """("repositories", 0, "branches") -> "repositories[0].branches"."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "[key]":  # pydantic's marker for "the key of this dict entry"
+            path += f".{part}" if path else part
+    return path
+
+
+def _describe_validation_error(detail: Any, root_model: type[BaseModel]) -> str:
+    if detail["type"] != "extra_forbidden":
+        return str(detail["msg"])
+    unknown = str(detail["loc"][-1])
+    model = _model_at(root_model, detail["loc"][:-1])
+    if model is None:
+        return f'unknown field "{unknown}"'
+    known = list(model.model_fields) + [
+        field.alias for field in model.model_fields.values() if field.alias
+    ]
+    close = difflib.get_close_matches(unknown, known, n=1)
+    if close:
+        return f'unknown field "{unknown}" (did you mean "{close[0]}"?)'
+    return f'unknown field "{unknown}" (allowed: {", ".join(known)})'
+
+
+def _model_at(root_model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that validates the value at `loc`, found by walking the annotations."""
+    annotation: Any = root_model
+    for part in loc:
+        annotation = _without_none(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (list, dict):
+            annotation = get_args(annotation)[-1]  # list[X] -> X, dict[K, X] -> X
+        else:
+            return None
+    annotation = _without_none(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _without_none(annotation: Any) -> Any:
+    """X | None -> X."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation

@@ -1,0 +1,46 @@
+"""Assembles the Definitions: one partition set, asset group, CI job and sensor per repository.
+
+The configuration comes from cicd.yaml (CICD_CONFIG, default ./cicd.yaml); this module
+only wires what assets/, jobs/ and sensors/ build.
+"""
+
+import os
+from pathlib import Path
+
+from dagster import Definitions
+
+from assets import ci_assets
+from assets.partitions import commit_partitions
+from cicd_dagster.config import ControlConfig, load_control_config
+from cicd_dagster.resources import CicdResource
+from jobs import ci_job
+from sensors.repository import repository_sensor
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("CICD_CONFIG", "cicd.yaml")).resolve()
+
+
+def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Definitions:
+    assets, jobs, sensors = [], [], []
+    for repository in config.repositories:
+        partitions = commit_partitions(repository)
+        job = ci_job(repository, partitions)
+        assets.extend(ci_assets(repository, partitions))
+        jobs.append(job)
+        sensors.append(repository_sensor(repository, job, partitions))
+    return Definitions(
+        assets=assets,
+        jobs=jobs,
+        sensors=sensors,
+        resources={
+            "cicd": CicdResource(config_path=str(config.config_path), stream_logs=stream_logs)
+        },
+    )
+
+
+def __getattr__(name: str) -> Definitions:
+    # Loaded lazily so that importing this module (the CLI does) reads no file.
+    if name == "defs":
+        return build_definitions(load_control_config(config_path()))
+    raise AttributeError(name)

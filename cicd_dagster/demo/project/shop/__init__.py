@@ -1,0 +1,1 @@
+"""A tiny shop: prices, a cart, an order store and an HTTP API."""

@@ -1,0 +1,452 @@
+"""Everything the control plane asks of git: remote refs, a bare mirror per repository,
+commit metadata, file contents and isolated checkouts.
+
+Every git call goes through `_git`: an argv list (never a shell), `--` or
+`--end-of-options` between options and refs/paths so that a ref named `-rf` or
+`x$(touch${IFS}p)` is only ever data, and an environment that cannot prompt for a
+password or be redirected to another repository by inherited GIT_DIR-style variables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
+_COMMIT_SHA = re.compile(r"[0-9a-fA-F]{7,40}")
+# `https://user:token@host/x` -> `https://***@host/x`: URLs end up in error messages and logs.
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+# Variables that would point git at another repository than the one we name.
+_REPOSITORY_LOCATION_VARIABLES = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES",
+)
+_COMMIT_FORMAT = "%P%x00%an%x00%ae%x00%aI%x00%cI%x00%B"
+
+
+class GitError(Exception):
+    """A git command failed; the message names the command and carries git's stderr."""
+
+    def __init__(self, message: str, argv: Sequence[str] = (), stderr: str = "") -> None:
+        details = [message]
+        if argv:
+            details.append(f"command: {shlex.join(['git', *argv])}")
+        if stderr.strip():
+            details.append(f"stderr: {stderr.strip()}")
+        super().__init__(_redact_credentials("\n".join(details)))
+
+
+def _redact_credentials(text: str) -> str:
+    return _URL_CREDENTIALS.sub("***@", text)
+
+
+def _git_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _REPOSITORY_LOCATION_VARIABLES}
+    env["GIT_TERMINAL_PROMPT"] = "0"  # a missing credential fails instead of hanging
+    env["LC_ALL"] = "C"  # stable, parseable messages
+    return env
+
+
+def _git(
+    args: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    timeout_s: float = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `git ARGS`, returning raw stdout bytes; GitError on failure when `check`.
+
+    git runs in its own session so a timeout can kill its helpers (ssh, remote-https)
+    too: they inherit the pipes, and a surviving helper would block `communicate`.
+    """
+    argv = list(args)
+    with subprocess.Popen(
+        ["git", *argv],
+        cwd=cwd,
+        env=_git_environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise GitError(f"git timed out after {timeout_s:g} s", argv) from None
+    result = subprocess.CompletedProcess(["git", *argv], process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise GitError(f"git exited with status {result.returncode}", argv, _decode(result.stderr))
+    return result
+
+
+def _decode(data: bytes) -> str:
+    # Replacement rather than surrogate escapes: names and messages are stored and shown,
+    # and a lone surrogate would break every JSON/database write downstream.
+    return data.decode("utf-8", errors="replace")
+
+
+def _validate_sha(sha: str) -> str:
+    """The sha, lowercased, if it is 7-40 hex digits; anything else never reaches git."""
+    if not _COMMIT_SHA.fullmatch(sha):
+        raise ValueError(f"not a commit sha (7-40 hex digits): {sha!r}")
+    return sha.lower()
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an flock on `lock_path` (across processes, and across threads: each call opens
+    its own file description)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- remote refs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteRef:
+    name: str  # full ref: refs/heads/main, refs/tags/v1.0
+    kind: Literal["branch", "tag"]
+    short: str  # main, v1.0, release/1.x
+    sha: str  # 40 hex; for an annotated tag the commit it points at, not the tag object
+
+
+@dataclass(frozen=True)
+class RemoteState:
+    refs: list[RemoteRef]
+    default_branch: str | None
+
+
+_BRANCH_PREFIX = "refs/heads/"
+_TAG_PREFIX = "refs/tags/"
+_PEELED_SUFFIX = "^{}"
+
+
+def ls_remote(url: str, *, timeout_s: float = 60) -> RemoteState:
+    """The branches, tags and default branch of the repository at `url` (a path or any URL
+    git accepts), without cloning it."""
+    args = ["ls-remote", "--symref", "--", url, "HEAD", "refs/heads/*", "refs/tags/*"]
+    try:
+        output = _decode(_git(args, timeout_s=timeout_s).stdout)
+    except GitError as error:
+        raise GitError(f"repository {url} is unreachable: {error}") from error
+
+    default_branch: str | None = None
+    shas: dict[str, str] = {}
+    peeled: dict[str, str] = {}
+    for line in output.splitlines():
+        target, _, refname = line.partition("\t")
+        if target.startswith("ref: "):
+            symref_target = target.removeprefix("ref: ")
+            if refname == "HEAD" and symref_target.startswith(_BRANCH_PREFIX):
+                default_branch = symref_target.removeprefix(_BRANCH_PREFIX)
+        elif refname.endswith(_PEELED_SUFFIX):
+            peeled[refname.removesuffix(_PEELED_SUFFIX)] = target
+        elif refname.startswith((_BRANCH_PREFIX, _TAG_PREFIX)):
+            shas[refname] = target
+
+    refs = []
+    for refname, sha in shas.items():
+        if refname.startswith(_BRANCH_PREFIX):
+            refs.append(RemoteRef(refname, "branch", refname.removeprefix(_BRANCH_PREFIX), sha))
+        else:
+            tag = refname.removeprefix(_TAG_PREFIX)
+            refs.append(RemoteRef(refname, "tag", tag, peeled.get(refname, sha)))
+    return RemoteState(refs=sorted(refs, key=lambda ref: ref.name), default_branch=default_branch)
+
+
+def select_refs(
+    state: RemoteState,
+    branches: Sequence[str] | None,
+    tags: Sequence[str],
+    default_branch: str | None = None,
+) -> list[RemoteRef]:
+    """The refs to build: branches whose short name matches a pattern in `branches` (None:
+    only the default branch, `default_branch` overriding the remote's), tags matching a
+    pattern in `tags`. Patterns are fnmatch, case-sensitive; `*` also matches `/`."""
+
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+    def wanted(ref: RemoteRef) -> bool:
+        if ref.kind == "tag":
+            return matches(ref.short, tags)
+        if branches is None:
+            return ref.short == (default_branch or state.default_branch)
+        return matches(ref.short, branches)
+
+    return sorted(filter(wanted, state.refs), key=lambda ref: ref.name)
+
+
+# --- commits -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str
+    status: str  # A, M, D, R, C, T (first letter of git's status; rename scores dropped)
+    added: int | None  # lines; None for a binary file
+    deleted: int | None
+    old_path: str | None = None  # the source path of a rename or copy
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    sha: str
+    parents: list[str]
+    author_name: str
+    author_email: str
+    authored_at: datetime
+    committed_at: datetime
+    message: str  # full message, trailing newlines removed
+    changed_files: list[FileChange]  # against the first parent; a root commit: everything
+
+    @property
+    def subject(self) -> str:
+        return self.message.split("\n", 1)[0]
+
+
+def _parse_name_status(output: bytes) -> list[tuple[str, str, str | None]]:
+    """(status, path, old path) from `--name-status -z`: STATUS\\0PATH\\0, or for renames
+    and copies STATUS\\0OLD\\0NEW\\0."""
+    fields = [_decode(field) for field in output.split(b"\0")]
+    entries: list[tuple[str, str, str | None]] = []
+    index = 0
+    while index < len(fields) and fields[index]:
+        status = fields[index][0]
+        if status in "RC":
+            entries.append((status, fields[index + 2], fields[index + 1]))
+            index += 3
+        else:
+            entries.append((status, fields[index + 1], None))
+            index += 2
+    return entries
+
+
+def _parse_numstat(output: bytes) -> dict[str, tuple[int | None, int | None]]:
+    """new path -> (added, deleted) from `--numstat -z`: ADDED\\tDELETED\\tPATH\\0, or for
+    renames ADDED\\tDELETED\\t\\0OLD\\0NEW\\0; binary files count as `-`."""
+    fields = output.split(b"\0")
+    stats: dict[str, tuple[int | None, int | None]] = {}
+    index = 0
+    while index < len(fields) and fields[index]:
+        added, deleted, path = fields[index].split(b"\t", 2)
+        if path:
+            index += 1
+        else:
+            path = fields[index + 2]
+            index += 3
+        stats[_decode(path)] = (
+            None if added == b"-" else int(added),
+            None if deleted == b"-" else int(deleted),
+        )
+    return stats
+
+
+# --- the mirror --------------------------------------------------------------------------
+
+
+class Mirror:
+    """A bare mirror clone of one repository: the source of every checkout and of commit
+    metadata, so that the remote is contacted only by `fetch`."""
+
+    def __init__(self, path: Path, url: str) -> None:
+        self.path = path
+        self.url = url
+        # Beside the mirror, not inside it: the lock must exist before the clone does.
+        self._lock_path = path.with_name(path.name + ".lock")
+
+    def fetch(self, *, timeout_s: float = 600) -> None:
+        """Make the mirror an exact copy of the remote's refs: cloning it the first time;
+        later following URL changes, force-pushes (`--force`) and deleted refs (`--prune`).
+        """
+        with _exclusive_lock(self._lock_path):
+            if self.path.exists():
+                try:
+                    _git(["remote", "set-url", "--", "origin", self.url], cwd=self.path)
+                    _git(
+                        ["fetch", "--prune", "--force", "origin"],
+                        cwd=self.path,
+                        timeout_s=timeout_s,
+                    )
+                except GitError as error:
+                    raise GitError(
+                        f"fetching {self.url} into {self.path} failed: {error}"
+                    ) from error
+            else:
+                self._clone(timeout_s)
+
+    def _clone(self, timeout_s: float) -> None:
+        # Clone beside the final path and rename: an interrupted clone never leaves a
+        # half-made mirror that a later `fetch` would take for a real one.
+        partial = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _git(
+                ["clone", "--mirror", "--quiet", "--", self.url, str(partial)], timeout_s=timeout_s
+            )
+        except GitError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise GitError(f"cloning {self.url} into {self.path} failed: {error}") from error
+        partial.rename(self.path)
+
+    def resolve(self, rev: str) -> str:
+        """The 40-hex commit sha that a branch, tag or (abbreviated) sha names."""
+        args = ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"]
+        result = _git(args, cwd=self.path, check=False)
+        if result.returncode != 0:
+            raise GitError(f"no commit named {rev!r} in {self.url}", args, _decode(result.stderr))
+        return _decode(result.stdout).strip()
+
+    def has_commit(self, sha: str) -> bool:
+        args = ["cat-file", "-e", f"{_validate_sha(sha)}^{{commit}}"]
+        return _git(args, cwd=self.path, check=False).returncode == 0
+
+    def _full_sha(self, sha: str) -> str:
+        return self.resolve(_validate_sha(sha))
+
+    def commit_info(self, sha: str) -> CommitInfo:
+        full_sha = self._full_sha(sha)
+        # %B last: the message is the only field that may contain anything but a NUL.
+        header = _git(
+            [
+                "show",
+                "--no-patch",
+                "--no-show-signature",
+                f"--format={_COMMIT_FORMAT}",
+                full_sha,
+                "--",
+            ],
+            cwd=self.path,
+        ).stdout
+        parents, author_name, author_email, authored, committed, message = _decode(header).split(
+            "\0", 5
+        )
+        parent_shas = parents.split()
+        return CommitInfo(
+            sha=full_sha,
+            parents=parent_shas,
+            author_name=author_name,
+            author_email=author_email,
+            authored_at=datetime.fromisoformat(authored),
+            committed_at=datetime.fromisoformat(committed),
+            message=message.rstrip("\n"),
+            changed_files=self._changed_files(full_sha, parent_shas),
+        )
+
+    def _changed_files(self, full_sha: str, parent_shas: list[str]) -> list[FileChange]:
+        # Against the first parent explicitly: given only a merge, diff-tree shows nothing.
+        compared = [parent_shas[0], full_sha] if parent_shas else ["--root", full_sha]
+        diff_tree = ["diff-tree", "-r", "-z", "-M", "--no-commit-id", *compared]
+        statuses = _parse_name_status(
+            _git([*diff_tree, "--name-status", "--"], cwd=self.path).stdout
+        )
+        line_counts = _parse_numstat(_git([*diff_tree, "--numstat", "--"], cwd=self.path).stdout)
+        return [
+            FileChange(path, status, *line_counts.get(path, (None, None)), old_path=old_path)
+            for status, path, old_path in statuses
+        ]
+
+    def read_file(self, sha: str, path: str) -> str | None:
+        """The text of `path` at commit `sha` (undecodable bytes replaced), None when there
+        is no such file there (absent, or a directory)."""
+        full_sha = self._full_sha(sha)
+        # The argument starts with the sha, so no path can turn it into an option.
+        result = _git(["cat-file", "blob", f"{full_sha}:{path}"], cwd=self.path, check=False)
+        return _decode(result.stdout) if result.returncode == 0 else None
+
+    def refs_containing(self, sha: str) -> list[str]:
+        """The branches (short names) whose history contains the commit."""
+        args = [
+            "for-each-ref",
+            "--format=%(refname)",
+            "--contains",
+            self._full_sha(sha),
+            _BRANCH_PREFIX,
+        ]
+        output = _decode(_git(args, cwd=self.path).stdout)
+        return [line.removeprefix(_BRANCH_PREFIX) for line in output.splitlines()]
+
+    def checkout(self, sha: str, dest: Path) -> Path:
+        """A work tree holding exactly commit `sha` at `dest`, reused if it already does.
+
+        A `clone --shared` rather than a `git worktree`: the clone borrows the mirror's
+        objects (cheap, no copy) but has its own refs and config, so a build script running
+        git in it cannot move the mirror's branches, and deleting `dest` needs no
+        `worktree prune`. The price: once a commit is force-pushed away, the mirror's gc may
+        drop its objects after git's grace period (two weeks), breaking git commands (not
+        the files) in a workspace that old; such a workspace is never reused, as it no
+        longer passes the clean-tree check.
+        """
+        full_sha = self._full_sha(sha)
+        with _exclusive_lock(dest.with_name(dest.name + ".lock")):
+            if self._holds_clean_commit(dest, full_sha):
+                os.utime(dest)  # recently used, as far as prune_workspaces is concerned
+                return dest
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _git(["clone", "--shared", "--no-checkout", "--quiet", "--", str(self.path), str(dest)])
+            _git(["checkout", "--detach", "--force", "--quiet", full_sha, "--"], cwd=dest)
+        return dest
+
+    @staticmethod
+    def _holds_clean_commit(dest: Path, full_sha: str) -> bool:
+        if not (dest / ".git").exists():
+            return False
+        head = _git(["rev-parse", "--verify", "--quiet", "HEAD"], cwd=dest, check=False)
+        if _decode(head.stdout).strip() != full_sha:
+            return False
+        # Untracked files count as dirt too (ignored ones, such as build caches, do not).
+        status = _git(["status", "--porcelain", "--untracked-files=all"], cwd=dest, check=False)
+        return status.returncode == 0 and not status.stdout
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+def prune_workspaces(root: Path, keep: int, *, protect: Collection[Path] = ()) -> list[Path]:
+    """Delete all but the `keep` most recently modified folders directly under `root`,
+    never deleting a protected one; return the deleted paths."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, not {keep}")
+    if not root.is_dir():
+        return []
+    protected = {path.resolve() for path in protect}
+    # Symlinks are not ours to delete (and rmtree refuses them).
+    folders = [entry for entry in root.iterdir() if entry.is_dir() and not entry.is_symlink()]
+    folders.sort(key=lambda folder: folder.stat().st_mtime, reverse=True)
+    removed = []
+    for folder in folders[keep:]:
+        if folder.resolve() in protected:
+            continue
+        shutil.rmtree(folder)
+        removed.append(folder)
+    return removed

@@ -1,0 +1,98 @@
+"""Quality gates: thresholds of .cicd.yml applied to one test stage's outcome.
+
+Every test stage answers the same gates (the Dagster checks are declared up front), so
+a gate with nothing to judge passes and says why in its detail.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cicd_dagster.config import GatesConfig
+from cicd_dagster.reports.benchmark import max_regression
+from cicd_dagster.stages.tests import TestStageOutcome
+from cicd_dagster.store import GateRecord
+
+GATES_BY_STAGE = {
+    "unit": ("min_pass_rate", "min_coverage"),
+    "integration": ("min_pass_rate", "min_coverage"),
+    "e2e": ("min_pass_rate", "min_coverage"),
+    "performance": ("min_pass_rate", "min_coverage", "max_perf_regression"),
+}
+
+
+def evaluate_gates(gates: GatesConfig, outcome: TestStageOutcome) -> list[GateRecord]:
+    judges = {
+        "min_pass_rate": _pass_rate,
+        "min_coverage": _coverage,
+        "max_perf_regression": _perf_regression,
+    }
+    if not outcome.configured:
+        return [
+            GateRecord(name, True, None, None, f"the {outcome.stage} stage is not configured")
+            for name in GATES_BY_STAGE[outcome.stage]
+        ]
+    return [judges[name](gates, outcome) for name in GATES_BY_STAGE[outcome.stage]]
+
+
+def _pass_rate(gates: GatesConfig, outcome: TestStageOutcome) -> GateRecord:
+    threshold = gates.min_pass_rate
+    summary = outcome.summary
+    if summary is None or summary.pass_rate is None:
+        return GateRecord("min_pass_rate", False, None, threshold, "no test case ran")
+    rate = summary.pass_rate
+    detail = (
+        f"{summary.passed} of {summary.tests - summary.skipped} tests passed "
+        f"({rate:.1%}; minimum {threshold:.1%})"
+    )
+    passed = rate >= threshold
+    if outcome.failure:
+        # A crashed or timed-out run may have reported only part of its tests.
+        passed = False
+        detail += f"; {outcome.failure}"
+    return GateRecord("min_pass_rate", passed, rate, threshold, detail)
+
+
+def _coverage(gates: GatesConfig, outcome: TestStageOutcome) -> GateRecord:
+    threshold = gates.min_coverage
+    if threshold is None:
+        return GateRecord("min_coverage", True, _line_rate(outcome), None, "no min_coverage set")
+    if outcome.coverage is None:
+        return GateRecord(
+            "min_coverage", True, None, threshold, f"{outcome.stage} reports no coverage"
+        )
+    rate = outcome.coverage.line_rate
+    return GateRecord(
+        "min_coverage",
+        rate >= threshold,
+        rate,
+        threshold,
+        f"line coverage {rate:.1%} (minimum {threshold:.1%})",
+    )
+
+
+def _perf_regression(gates: GatesConfig, outcome: TestStageOutcome) -> GateRecord:
+    threshold = gates.max_perf_regression
+    benchmarks = outcome.benchmarks
+    if benchmarks is None or benchmarks.empty:
+        return GateRecord("max_perf_regression", True, None, threshold, "no benchmarks reported")
+    worst = max_regression(benchmarks)
+    if worst is None or math.isnan(worst):
+        return GateRecord(
+            "max_perf_regression",
+            True,
+            None,
+            threshold,
+            "no green baseline on the default branch yet",
+        )
+    row = benchmarks.loc[benchmarks["regression"].idxmax()]
+    detail = f"slowest change: {row['name']} {worst:+.1%} against the last green baseline"
+    if threshold is None:
+        return GateRecord("max_perf_regression", True, worst, None, detail)
+    return GateRecord(
+        "max_perf_regression", worst <= threshold, worst, threshold, f"{detail} (max {threshold:+.1%})"
+    )
+
+
+def _line_rate(outcome: TestStageOutcome) -> float | None:
+    return outcome.coverage.line_rate if outcome.coverage else None

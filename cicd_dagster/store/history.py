@@ -1,0 +1,594 @@
+"""The build history DB: what every CI run of every commit did, queryable as DataFrames.
+
+Assets write to it as stages finish; the CLI and reports read it. There is one build per
+repository and commit, and every write is an upsert or a replacement of that build's rows, so
+re-materializing a partition never duplicates anything.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar, TypeVarTuple
+
+import pandas as pd
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cicd_dagster.store.models import (
+    STAGE_NAMES,
+    STAGE_STATUSES,
+    TEST_STAGES,
+    Artifact,
+    Base,
+    Benchmark,
+    Build,
+    Commit,
+    GateResult,
+    Repository,
+    Stage,
+    TestCase,
+    UTCDateTime,
+)
+
+_MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any fixed number: the PostgreSQL advisory lock that serialises concurrent migrate() calls.
+_MIGRATION_LOCK_KEY = 0x63696364
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option marking a connection that will write, so SQLite takes the write lock at BEGIN.
+_WRITES = "cicd_writes"
+_COUNTS = ("tests", "passed", "failed", "errors", "skipped")
+
+_Model = TypeVar("_Model", bound=Base)
+_Columns = TypeVarTuple("_Columns")
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    sha: str
+    parents: list[str]
+    author_name: str
+    author_email: str
+    authored_at: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    status: str
+    started_at: datetime
+    duration_s: float
+    tests: int | None = None
+    passed: int | None = None
+    failed: int | None = None
+    errors: int | None = None
+    skipped: int | None = None
+    flaky: int | None = None
+    pass_rate: float | None = None
+    coverage: float | None = None
+    detail: str | None = None
+    reused: bool = False
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GateRecord:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+class HistoryStore:
+    """The history DB at a SQLAlchemy URL (SQLite file or PostgreSQL), migrated on open.
+
+    Datetimes go in timezone-aware (naive ones are rejected) and come back in UTC.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = sa.make_url(url)
+        is_sqlite = self.url.get_backend_name() == "sqlite"
+        if is_sqlite and self.url.database not in (None, "", ":memory:"):
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self._engine = sa.create_engine(self.url)
+        if is_sqlite:
+            _configure_sqlite(self._engine)
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest revision; a no-op when it is there already.
+
+        Concurrent callers queue on a lock (SQLite's write lock, a PostgreSQL advisory lock)
+        held for the whole upgrade, so the first one migrates and the others find it done.
+        """
+        with self._engine.connect() as connection:
+            connection.execution_options(**{_WRITES: True})
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(
+                        sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY))
+                    )
+                config = Config()
+                config.set_main_option("script_location", str(_MIGRATIONS_DIR).replace("%", "%%"))
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        self._engine.dispose()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def record_commit(
+        self,
+        repository: str,
+        url: str,
+        commit: CommitRecord,
+        *,
+        detected_at: datetime | None = None,
+        run_requested_at: datetime | None = None,
+    ) -> None:
+        """Upsert the commit; a timestamp left as None keeps the one stored before."""
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {"url": url}).id
+            timestamps = {"detected_at": detected_at, "run_requested_at": run_requested_at}
+            _upsert(
+                session,
+                Commit,
+                {"repository_id": repository_id, "sha": commit.sha},
+                {
+                    "parents": list(commit.parents),
+                    "author_name": commit.author_name,
+                    "author_email": commit.author_email,
+                    "authored_at": commit.authored_at,
+                    "message": commit.message,
+                    **{name: value for name, value in timestamps.items() if value is not None},
+                },
+            )
+
+    def record_build(
+        self, repository: str, commit_sha: str, *, ref: str, branch: str | None, run_id: str | None
+    ) -> None:
+        """Upsert the build; creates the repository (without URL) if no commit recorded it yet."""
+        now = datetime.now(UTC)
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            _upsert(
+                session,
+                Build,
+                {"repository_id": repository_id, "commit_sha": commit_sha},
+                {"ref": ref, "branch": branch, "run_id": run_id, "updated_at": now},
+                on_insert={"created_at": now},
+            )
+
+    def record_stage(self, repository: str, commit_sha: str, stage: StageRecord) -> None:
+        """Upsert the stage of the build; its test cases, benchmarks and gates stay."""
+        if stage.name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {stage.name!r}; expected one of {STAGE_NAMES}")
+        if stage.status not in STAGE_STATUSES:
+            raise ValueError(f"unknown stage status {stage.status!r}; expected {STAGE_STATUSES}")
+        with self._writing() as session:
+            build_id = _build_id(session, repository, commit_sha)
+            fields = {
+                name: getattr(stage, name) for name in stage.__dataclass_fields__ if name != "name"
+            }
+            _upsert(session, Stage, {"build_id": build_id, "name": stage.name}, fields)
+            self._touch(session, build_id)
+
+    def record_test_cases(
+        self, repository: str, commit_sha: str, stage: str, cases: pd.DataFrame
+    ) -> None:
+        """Replace the stage's test cases with one row per row of `cases`."""
+        self._replace_stage_rows(repository, commit_sha, stage, TestCase, cases)
+
+    def record_benchmarks(
+        self, repository: str, commit_sha: str, stage: str, benchmarks: pd.DataFrame
+    ) -> None:
+        """Replace the stage's benchmarks; baseline_mean_s and regression may be missing or NaN."""
+        self._replace_stage_rows(repository, commit_sha, stage, Benchmark, benchmarks)
+
+    def record_gates(
+        self, repository: str, commit_sha: str, stage: str, gates: Sequence[GateRecord]
+    ) -> None:
+        """Replace the gates the stage evaluated."""
+        with self._writing() as session:
+            build_id = _build_id(session, repository, commit_sha)
+            session.execute(
+                sa.delete(GateResult).where(
+                    GateResult.build_id == build_id, GateResult.stage == stage
+                )
+            )
+            if gates:
+                session.execute(
+                    sa.insert(GateResult),
+                    [
+                        {
+                            "build_id": build_id,
+                            "stage": stage,
+                            "name": gate.name,
+                            "passed": gate.passed,
+                            "value": gate.value,
+                            "threshold": gate.threshold,
+                            "detail": gate.detail,
+                        }
+                        for gate in gates
+                    ],
+                )
+            self._touch(session, build_id)
+
+    def record_artifacts(
+        self, repository: str, commit_sha: str, artifacts: Sequence[ArtifactRecord]
+    ) -> None:
+        """Upsert the artifacts by path; artifacts recorded before under other paths stay."""
+        if not artifacts:
+            return
+        with self._writing() as session:
+            build_id = _build_id(session, repository, commit_sha)
+            paths = [artifact.path for artifact in artifacts]
+            session.execute(
+                sa.delete(Artifact).where(Artifact.build_id == build_id, Artifact.path.in_(paths))
+            )
+            session.execute(
+                sa.insert(Artifact),
+                [
+                    {
+                        "build_id": build_id,
+                        "path": artifact.path,
+                        "sha256": artifact.sha256,
+                        "size_bytes": artifact.size_bytes,
+                    }
+                    for artifact in artifacts
+                ],
+            )
+            self._touch(session, build_id)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def stage_rows(self, repository: str, commit_sha: str) -> pd.DataFrame:
+        """One row per recorded stage of the build, in pipeline order."""
+        columns = [
+            column for column in sa.inspect(Stage).columns if column.key not in ("id", "build_id")
+        ]
+        return self._read(
+            sa.select(*columns)
+            .join(Build)
+            .join(Repository)
+            .where(Repository.name == repository, Build.commit_sha == commit_sha)
+            .order_by(_stage_order(Stage.name))
+        )
+
+    def gate_rows(self, repository: str, commit_sha: str) -> pd.DataFrame:
+        """One row per gate of the build: stage, name, passed, value, threshold, detail."""
+        return self._read(
+            sa.select(
+                GateResult.stage,
+                GateResult.name,
+                GateResult.passed,
+                GateResult.value,
+                GateResult.threshold,
+                GateResult.detail,
+            )
+            .join(Build)
+            .join(Repository)
+            .where(Repository.name == repository, Build.commit_sha == commit_sha)
+            .order_by(_stage_order(GateResult.stage), GateResult.name)
+        )
+
+    def builds(
+        self,
+        repository: str | None = None,
+        since: datetime | None = None,
+        branch: str | None = None,
+    ) -> pd.DataFrame:
+        """One row per build, newest first, with its status, duration and test counts.
+
+        status: "failed" if a stage or gate failed, else "success" once source and build
+        succeeded, else "running". Counts add up the test stages; pass_rate is
+        passed / (passed + failed + errors), NaN when nothing ran.
+        """
+        totals = _stage_totals()
+        counts = {name: sa.func.coalesce(totals.c[name], 0) for name in _COUNTS}
+        executed = counts["passed"] + counts["failed"] + counts["errors"]
+        failed_gate = sa.exists().where(GateResult.build_id == Build.id, sa.not_(GateResult.passed))
+        status = sa.case(
+            (sa.or_(totals.c.failed_stages > 0, failed_gate), "failed"),
+            (totals.c.green_prerequisites == 2, "success"),
+            else_="running",
+        )
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.ref,
+                Build.branch,
+                status.label("status"),
+                Build.created_at,
+                sa.func.coalesce(totals.c.duration_s, 0.0).label("duration_s"),
+                *[total.label(name) for name, total in counts.items()],
+                (
+                    sa.cast(counts["passed"], sa.Double)
+                    / sa.func.nullif(sa.cast(executed, sa.Double), 0)
+                ).label("pass_rate"),
+                Build.run_id,
+            )
+            .select_from(Build)
+            .join(Repository)
+            .outerjoin(totals, totals.c.build_id == Build.id)
+            .order_by(Build.created_at.desc(), Build.id.desc())
+        )
+        return self._read(_filter_builds(statement, repository, since, branch))
+
+    def tests(
+        self,
+        repository: str | None = None,
+        since: datetime | None = None,
+        branch: str | None = None,
+        stage: str | None = None,
+    ) -> pd.DataFrame:
+        """One row per test case per build, newest build first."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Build.created_at,
+                Stage.name.label("stage"),
+                TestCase.suite,
+                TestCase.classname,
+                TestCase.name,
+                TestCase.duration_s,
+                TestCase.status,
+                TestCase.message,
+                TestCase.flaky,
+            )
+            .select_from(TestCase)
+            .join(Stage)
+            .join(Build)
+            .join(Repository)
+            .order_by(
+                Build.created_at.desc(), Build.id.desc(), _stage_order(Stage.name), TestCase.id
+            )
+        )
+        if stage is not None:
+            statement = statement.where(Stage.name == stage)
+        return self._read(_filter_builds(statement, repository, since, branch))
+
+    def last_green_benchmarks(
+        self, repository: str, branch: str, *, before_sha: str | None = None
+    ) -> pd.DataFrame | None:
+        """The benchmarks of the newest build on `branch` (other than `before_sha`) whose
+        performance stage succeeded and passed all its gates; None if there is none."""
+        failed_gate = sa.exists().where(
+            GateResult.build_id == Build.id,
+            GateResult.stage == "performance",
+            sa.not_(GateResult.passed),
+        )
+        green_stage = (
+            sa.select(Stage.id)
+            .join(Build)
+            .join(Repository)
+            .where(
+                Repository.name == repository,
+                Build.branch == branch,
+                Stage.name == "performance",
+                Stage.status == "success",
+                ~failed_gate,
+            )
+            .order_by(Build.created_at.desc(), Build.id.desc())
+            .limit(1)
+        )
+        if before_sha is not None:
+            green_stage = green_stage.where(Build.commit_sha != before_sha)
+        with self._engine.connect() as connection:
+            stage_id = connection.scalar(green_stage)
+        if stage_id is None:
+            return None
+        columns = [
+            column
+            for column in sa.inspect(Benchmark).columns
+            if column.key not in ("id", "stage_id")
+        ]
+        return self._read(
+            sa.select(*columns).where(Benchmark.stage_id == stage_id).order_by(Benchmark.id)
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A session whose transaction commits on success and holds SQLite's write lock."""
+        with self._engine.connect() as connection:
+            connection.execution_options(**{_WRITES: True})
+            with Session(connection) as session, session.begin():
+                yield session
+
+    def _touch(self, session: Session, build_id: int) -> None:
+        session.execute(
+            sa.update(Build).where(Build.id == build_id).values(updated_at=datetime.now(UTC))
+        )
+
+    def _replace_stage_rows(
+        self,
+        repository: str,
+        commit_sha: str,
+        stage: str,
+        model: type[TestCase] | type[Benchmark],
+        frame: pd.DataFrame,
+    ) -> None:
+        with self._writing() as session:
+            build_id = _build_id(session, repository, commit_sha)
+            stage_id = session.scalar(
+                sa.select(Stage.id).where(Stage.build_id == build_id, Stage.name == stage)
+            )
+            if stage_id is None:
+                raise LookupError(
+                    f"no stage {stage!r} in the build of {repository}@{commit_sha}: "
+                    "record_stage() first"
+                )
+            session.execute(sa.delete(model).where(model.stage_id == stage_id))
+            rows = _insert_rows(frame, model, {"stage_id": stage_id})
+            if rows:
+                session.execute(sa.insert(model), rows)
+            self._touch(session, build_id)
+
+    def _read(self, statement: sa.Select[*tuple[Any, ...]]) -> pd.DataFrame:
+        with self._engine.connect() as connection:
+            rows = connection.execute(statement).all()
+        frame = pd.DataFrame.from_records(rows, columns=list(statement.selected_columns.keys()))
+        for column in statement.selected_columns:
+            if isinstance(column.type, UTCDateTime):
+                frame[column.key] = pd.to_datetime(frame[column.key], utc=True)
+            elif isinstance(column.type, sa.Integer | sa.Float):
+                # NULLs make a column float64 with NaN, as pd.read_sql does, not object.
+                frame[column.key] = pd.to_numeric(frame[column.key])
+        return frame
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # SQLAlchemy rather than sqlite3 emits BEGIN (below), so it can choose the lock mode.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers and one writer work at once; writers from other processes wait.
+        cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")  # for ON DELETE CASCADE
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY
+        # if another process wrote in between; a writer therefore takes the lock up front.
+        writes = connection.get_execution_options().get(_WRITES, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def _upsert(
+    session: Session,
+    model: type[_Model],
+    key: dict[str, Any],
+    values: dict[str, Any],
+    *,
+    on_insert: dict[str, Any] | None = None,
+) -> _Model:
+    """The row of `model` with `key`, inserted or updated with `values`.
+
+    On PostgreSQL another transaction may insert the same key between our SELECT and INSERT;
+    the INSERT then fails in its savepoint and the other's row is updated instead.
+    """
+    existing = sa.select(model).filter_by(**key)
+    row = session.scalars(existing).one_or_none()
+    if row is None:
+        try:
+            with session.begin_nested():
+                row = model(**key, **values, **(on_insert or {}))
+                session.add(row)
+            return row
+        except ZeroDivisionError:
+            row = session.scalars(existing).one_or_none()
+            if row is None:
+                raise
+    for name, value in values.items():
+        setattr(row, name, value)
+    session.flush()
+    return row
+
+
+def _build_id(session: Session, repository: str, commit_sha: str) -> int:
+    build_id = session.scalar(
+        sa.select(Build.id)
+        .join(Repository)
+        .where(Repository.name == repository, Build.commit_sha == commit_sha)
+    )
+    if build_id is None:
+        raise LookupError(f"no build of {repository}@{commit_sha}: record_build() first")
+    return build_id
+
+
+def _insert_rows(
+    frame: pd.DataFrame, model: type[Base], fixed: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Executemany parameters for `model` from the frame's columns of the same names.
+
+    Nullable columns may be missing; NaN and NA become NULL, numpy scalars Python ones.
+    """
+    columns = [
+        column
+        for column in sa.inspect(model).columns
+        if not column.primary_key and column.key not in fixed
+    ]
+    missing = [
+        column.key
+        for column in columns
+        if column.key not in frame.columns and not column.nullable and column.default is None
+    ]
+    if missing:
+        raise ValueError(f"{model.__tablename__}: the frame lacks columns {missing}")
+    values = {
+        column.key: [
+            None if pd.isna(value) else column.type.python_type(value)
+            for value in frame[column.key].tolist()
+        ]
+        for column in columns
+        if column.key in frame.columns
+    }
+    return [
+        fixed | {key: column_values[index] for key, column_values in values.items()}
+        for index in range(len(frame))
+    ]
+
+
+def _stage_totals() -> sa.Subquery:
+    """Per build: duration, failed stages, succeeded source/build stages, test counts."""
+
+    def test_stage_sum(column: sa.ColumnElement[int | None], name: str) -> sa.Label[Any]:
+        return sa.func.sum(sa.case((Stage.name.in_(TEST_STAGES), column))).label(name)
+
+    return (
+        sa.select(
+            Stage.build_id,
+            sa.func.sum(Stage.duration_s).label("duration_s"),
+            sa.func.sum(sa.case((Stage.status == "failed", 1), else_=0)).label("failed_stages"),
+            sa.func.sum(
+                sa.case(
+                    (sa.and_(Stage.name.in_(("source", "build")), Stage.status == "success"), 1),
+                    else_=0,
+                )
+            ).label("green_prerequisites"),
+            *[test_stage_sum(getattr(Stage, name), name) for name in _COUNTS],
+        )
+        .group_by(Stage.build_id)
+        .subquery()
+    )
+
+
+def _stage_order(column: sa.ColumnExpressionArgument[str]) -> sa.Case[int]:
+    return sa.case({name: index for index, name in enumerate(STAGE_NAMES)}, value=column)
+
+
+def _filter_builds(
+    statement: sa.Select[*_Columns],
+    repository: str | None,
+    since: datetime | None,
+    branch: str | None,
+) -> sa.Select[*_Columns]:
+    if repository is not None:
+        statement = statement.where(Repository.name == repository)
+    if since is not None:
+        statement = statement.where(Build.created_at >= since)
+    if branch is not None:
+        statement = statement.where(Build.branch == branch)
+    return statement

@@ -1,0 +1,1 @@
+"""Alembic migrations of the history DB, applied by HistoryStore.migrate()."""

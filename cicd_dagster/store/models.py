@@ -1,0 +1,183 @@
+"""SQLAlchemy models of the build history DB.
+
+The schema itself is created by the Alembic migrations in ``migrations/versions``; these models
+must describe the same tables (a test compares them with the migrated database).
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+STAGE_NAMES = ("source", "build", "unit", "integration", "e2e", "performance")
+STAGE_STATUSES = ("success", "failed", "not_configured", "skipped")
+# Stages that run tests; their counts add up to a build's test counts.
+TEST_STAGES = ("unit", "integration", "e2e", "performance")
+
+# Named constraints let later migrations drop or alter them, also in SQLite batch mode.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that stores and returns UTC on every dialect.
+
+    SQLite keeps no offset (it would store local wall-clock times as given and return naive
+    values) and PostgreSQL returns the session's time zone, so values are normalised both ways.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: pass a timezone-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), list[str]: sa.JSON()}
+
+
+class Repository(Base):
+    __tablename__ = "repositories"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    # Unknown until the commit sensor records the repository's first commit.
+    url: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Commit(Base):
+    __tablename__ = "commits"
+    __table_args__ = (sa.UniqueConstraint("repository_id", "sha"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    sha: Mapped[str] = mapped_column(sa.String(40))
+    parents: Mapped[list[str]]
+    author_name: Mapped[str] = mapped_column(sa.Text)
+    author_email: Mapped[str] = mapped_column(sa.Text)
+    authored_at: Mapped[datetime]
+    message: Mapped[str] = mapped_column(sa.Text)
+    detected_at: Mapped[datetime | None]
+    run_requested_at: Mapped[datetime | None]
+
+
+class Build(Base):
+    __tablename__ = "builds"
+    __table_args__ = (sa.UniqueConstraint("repository_id", "commit_sha"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    commit_sha: Mapped[str] = mapped_column(sa.String(40))
+    ref: Mapped[str] = mapped_column(sa.Text)
+    branch: Mapped[str | None] = mapped_column(sa.Text)
+    run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+    __table_args__ = (sa.UniqueConstraint("build_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(sa.ForeignKey("builds.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(32))
+    status: Mapped[str] = mapped_column(sa.String(32))
+    started_at: Mapped[datetime]
+    duration_s: Mapped[float]
+    tests: Mapped[int | None]
+    passed: Mapped[int | None]
+    failed: Mapped[int | None]
+    errors: Mapped[int | None]
+    skipped: Mapped[int | None]
+    flaky: Mapped[int | None]
+    pass_rate: Mapped[float | None]
+    coverage: Mapped[float | None]
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    reused: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    run_id: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+class TestCase(Base):
+    __tablename__ = "test_cases"
+    __table_args__ = (
+        sa.Index(None, "stage_id"),
+        sa.Index(None, "classname", "name"),
+    )
+    __test__ = False  # not a pytest test class, despite the name
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stage_id: Mapped[int] = mapped_column(sa.ForeignKey("stages.id", ondelete="CASCADE"))
+    report: Mapped[str | None] = mapped_column(sa.Text)
+    suite: Mapped[str | None] = mapped_column(sa.Text)
+    classname: Mapped[str] = mapped_column(sa.Text)
+    name: Mapped[str] = mapped_column(sa.Text)
+    file: Mapped[str | None] = mapped_column(sa.Text)
+    duration_s: Mapped[float | None]
+    status: Mapped[str] = mapped_column(sa.String(32))
+    message: Mapped[str | None] = mapped_column(sa.Text)
+    flaky: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+
+
+class Benchmark(Base):
+    __tablename__ = "benchmarks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stage_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("stages.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(sa.Text)
+    fullname: Mapped[str] = mapped_column(sa.Text)
+    mean_s: Mapped[float]
+    median_s: Mapped[float]
+    stddev_s: Mapped[float]
+    min_s: Mapped[float]
+    max_s: Mapped[float]
+    rounds: Mapped[int]
+    baseline_mean_s: Mapped[float | None]
+    # Relative slowdown against the baseline (0.1 = 10 % slower), as computed by the caller.
+    regression: Mapped[float | None]
+
+
+class GateResult(Base):
+    __tablename__ = "gate_results"
+    __table_args__ = (sa.UniqueConstraint("build_id", "stage", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(sa.ForeignKey("builds.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(sa.String(32))
+    name: Mapped[str] = mapped_column(sa.String(255))
+    passed: Mapped[bool]
+    value: Mapped[float | None]
+    threshold: Mapped[float | None]
+    detail: Mapped[str] = mapped_column(sa.Text)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (sa.UniqueConstraint("build_id", "path"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(sa.ForeignKey("builds.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(sa.Text)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)

@@ -1,0 +1,549 @@
+"""The history DB's behaviour, on SQLite and (when a server is available) on PostgreSQL."""
+
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.orm import Session
+
+from cicd_dagster.store import (
+    ArtifactRecord,
+    CommitRecord,
+    GateRecord,
+    HistoryStore,
+    StageRecord,
+)
+from cicd_dagster.store.models import Artifact, Base, Commit
+
+REPO = "demo"
+REPO_URL = "https://git.example.com/demo.git"
+AUTHORED_AT = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
+MIGRATIONS_DIR = Path(__file__).parents[2] / "cicd_dagster" / "store" / "migrations"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'history.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[HistoryStore]:
+    history = HistoryStore(database_url)
+    yield history
+    history.dispose()
+
+
+def commit_sha(number: int) -> str:
+    return f"{number:040x}"
+
+
+def commit_record(sha: str, message: str = "Fix the flux capacitor") -> CommitRecord:
+    return CommitRecord(
+        sha=sha,
+        parents=[commit_sha(0)],
+        author_name="Ada Lovelace",
+        author_email="ada@example.com",
+        authored_at=AUTHORED_AT,
+        message=message,
+    )
+
+
+def stage_record(name: str, status: str = "success", **fields: Any) -> StageRecord:
+    return StageRecord(name=name, status=status, started_at=AUTHORED_AT, duration_s=1.0, **fields)
+
+
+def record_build(
+    history: HistoryStore,
+    sha: str,
+    *,
+    stages: dict[str, str],
+    branch: str = "main",
+    repository: str = REPO,
+) -> None:
+    history.record_build(
+        repository, sha, ref=f"refs/heads/{branch}", branch=branch, run_id=f"run-{sha[-4:]}"
+    )
+    for name, status in stages.items():
+        history.record_stage(repository, sha, stage_record(name, status))
+
+
+def cases_frame(names: Sequence[str], status: str = "passed", message: str = "") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "report": "reports/unit.xml",
+            "suite": "pytest",
+            "classname": "tests.test_flux",
+            "name": list(names),
+            "file": "tests/test_flux.py",
+            "duration_s": 0.25,
+            "status": status,
+            "message": message,
+            "flaky": False,
+        }
+    )
+
+
+def benchmark_frame(mean_s: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "name": ["test_parse"],
+            "fullname": ["tests/bench.py::test_parse"],
+            "mean_s": [mean_s],
+            "median_s": [mean_s],
+            "stddev_s": [0.01],
+            "min_s": [mean_s * 0.9],
+            "max_s": [mean_s * 1.1],
+            "rounds": [20],
+        }
+    )
+
+
+def record_performance(
+    history: HistoryStore,
+    sha: str,
+    *,
+    mean_s: float,
+    status: str = "success",
+    gate_passed: bool = True,
+    branch: str = "main",
+) -> None:
+    record_build(history, sha, stages={"source": "success", "build": "success"}, branch=branch)
+    history.record_stage(REPO, sha, stage_record("performance", status))
+    history.record_benchmarks(REPO, sha, "performance", benchmark_frame(mean_s))
+    gate = GateRecord("max_perf_regression", gate_passed, 0.05, 0.1, "worst +5.0%")
+    history.record_gates(REPO, sha, "performance", [gate])
+
+
+def select_all(url: str, statement: sa.Executable) -> list[Any]:
+    """Rows the public API does not return, read in a session of the test's own."""
+    engine = sa.create_engine(url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(statement))
+    finally:
+        engine.dispose()
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+
+def test_opening_a_sqlite_file_creates_its_folder(tmp_path: Path) -> None:
+    path = tmp_path / "control" / "state" / "history.db"
+    HistoryStore(f"sqlite:///{path}").dispose()
+    assert path.is_file()
+
+
+def test_migrating_twice_is_a_no_op(database_url: str, store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={"source": "success"})
+    store.migrate()
+    store.migrate()
+    HistoryStore(database_url).dispose()
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert select_all(database_url, sa.text("SELECT version_num FROM alembic_version")) == [head]
+    assert list(store.builds()["commit"]) == [commit_sha(1)]
+
+
+def test_migrated_schema_matches_the_models(database_url: str, store: HistoryStore) -> None:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+# -- idempotent writes -----------------------------------------------------------------------
+
+
+def test_re_recording_a_commit_updates_it_and_keeps_unset_timestamps(
+    database_url: str, store: HistoryStore
+) -> None:
+    sha = commit_sha(1)
+    detected_at = datetime(2025, 3, 1, 10, tzinfo=UTC)
+    store.record_commit(REPO, REPO_URL, commit_record(sha, "first"), detected_at=detected_at)
+    store.record_commit(REPO, REPO_URL, commit_record(sha, "amended"))
+
+    [commit] = select_all(database_url, sa.select(Commit))
+    assert (commit.message, commit.detected_at, commit.run_requested_at) == (
+        "amended",
+        detected_at,
+        None,
+    )
+
+
+def test_re_recording_a_build_keeps_its_creation_time(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    store.record_build(REPO, sha, ref="refs/heads/main", branch="main", run_id="run-1")
+    created_at = store.builds()["created_at"].iloc[0]
+    store.record_build(REPO, sha, ref="refs/heads/main", branch="main", run_id="run-2")
+
+    builds = store.builds()
+    assert list(builds["run_id"]) == ["run-2"]
+    assert builds["created_at"].iloc[0] == created_at
+
+
+def test_re_recording_a_stage_replaces_it_and_keeps_its_test_cases(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"unit": "failed"})
+    store.record_test_cases(REPO, sha, "unit", cases_frame(["test_a"]))
+    store.record_stage(REPO, sha, stage_record("unit", "success", tests=1, passed=1))
+
+    stages = store.stage_rows(REPO, sha)
+    assert stages[["name", "status", "tests"]].to_dict("records") == [
+        {"name": "unit", "status": "success", "tests": 1}
+    ]
+    assert list(store.tests()["name"]) == ["test_a"]
+
+
+def test_re_recording_test_cases_replaces_them(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"unit": "success", "integration": "success"})
+    store.record_test_cases(REPO, sha, "integration", cases_frame(["test_api"]))
+    store.record_test_cases(REPO, sha, "unit", cases_frame(["test_a", "test_b", "test_c"]))
+    store.record_test_cases(REPO, sha, "unit", cases_frame(["test_a", "test_d"]))
+
+    tests = store.tests()
+    assert tests[["stage", "name"]].to_dict("records") == [
+        {"stage": "unit", "name": "test_a"},
+        {"stage": "unit", "name": "test_d"},
+        {"stage": "integration", "name": "test_api"},
+    ]
+
+
+def test_re_recording_gates_replaces_only_that_stages_gates(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"unit": "success", "performance": "success"})
+    store.record_gates(
+        REPO, sha, "performance", [GateRecord("max_perf_regression", True, 0.0, 0.1, "")]
+    )
+    store.record_gates(REPO, sha, "unit", [GateRecord("min_pass_rate", False, 0.5, 0.9, "50%")])
+    store.record_gates(
+        REPO,
+        sha,
+        "unit",
+        [
+            GateRecord("min_coverage", True, 0.93, 0.8, "93%"),
+            GateRecord("min_pass_rate", True, 1.0, 0.9, "100%"),
+        ],
+    )
+
+    gates = store.gate_rows(REPO, sha)
+    assert gates[["stage", "name", "passed"]].to_dict("records") == [
+        {"stage": "unit", "name": "min_coverage", "passed": True},
+        {"stage": "unit", "name": "min_pass_rate", "passed": True},
+        {"stage": "performance", "name": "max_perf_regression", "passed": True},
+    ]
+
+
+def test_re_recording_benchmarks_replaces_them_and_stores_missing_baselines_as_null(
+    store: HistoryStore,
+) -> None:
+    sha = commit_sha(1)
+    record_performance(store, sha, mean_s=2.0)
+    store.record_benchmarks(
+        REPO, sha, "performance", benchmark_frame(1.0).assign(baseline_mean_s=float("nan"))
+    )
+
+    [benchmark] = store.last_green_benchmarks(REPO, "main").to_dict("records")  # type: ignore[union-attr]
+    assert benchmark["mean_s"] == 1.0
+    assert pd.isna(benchmark["baseline_mean_s"])
+    assert pd.isna(benchmark["regression"])
+
+
+def test_re_recording_artifacts_upserts_them_by_path(
+    database_url: str, store: HistoryStore
+) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"build": "success"})
+    wheel = ArtifactRecord("dist/demo-1.0-py3-none-any.whl", "a" * 64, 1200)
+    store.record_artifacts(
+        REPO, sha, [wheel, ArtifactRecord("dist/demo-1.0.tar.gz", "b" * 64, 900)]
+    )
+    store.record_artifacts(REPO, sha, [ArtifactRecord(wheel.path, "c" * 64, 1300)])
+
+    artifacts = select_all(database_url, sa.select(Artifact).order_by(Artifact.path))
+    assert [(a.path, a.sha256[0], a.size_bytes) for a in artifacts] == [
+        ("dist/demo-1.0-py3-none-any.whl", "c", 1300),
+        ("dist/demo-1.0.tar.gz", "b", 900),
+    ]
+
+
+def test_writes_for_an_unrecorded_build_are_refused(store: HistoryStore) -> None:
+    with pytest.raises(LookupError, match="record_build"):
+        store.record_stage(REPO, commit_sha(1), stage_record("unit"))
+    record_build(store, commit_sha(1), stages={})
+    with pytest.raises(LookupError, match="record_stage"):
+        store.record_test_cases(REPO, commit_sha(1), "unit", cases_frame(["test_a"]))
+
+
+def test_unknown_stage_names_and_statuses_are_refused(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    with pytest.raises(ValueError, match="unknown stage"):
+        store.record_stage(REPO, commit_sha(1), stage_record("lint"))
+    with pytest.raises(ValueError, match="unknown stage status"):
+        store.record_stage(REPO, commit_sha(1), stage_record("unit", "passed"))
+
+
+def test_test_cases_without_a_required_column_are_refused(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={"unit": "success"})
+    cases = cases_frame(["test_a"]).drop(columns="classname")
+    with pytest.raises(ValueError, match="classname"):
+        store.record_test_cases(REPO, commit_sha(1), "unit", cases)
+
+
+def test_recording_5000_test_cases_takes_well_under_a_second(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"unit": "success"})
+    cases = cases_frame([f"test_{n}" for n in range(5000)])
+
+    started = time.perf_counter()
+    store.record_test_cases(REPO, sha, "unit", cases)
+    elapsed = time.perf_counter() - started
+
+    assert len(store.tests()) == 5000
+    assert elapsed < 1.0
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+def test_unicode_and_10k_character_texts_round_trip(database_url: str, store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    message = "Réparer le flux ✓ 修正 🚀\n\n" + "x" * 10_000
+    store.record_commit(REPO, REPO_URL, commit_record(sha, message))
+    record_build(store, sha, stages={})
+    store.record_stage(REPO, sha, stage_record("unit", "failed", detail=message))
+    store.record_test_cases(REPO, sha, "unit", cases_frame(["test_ünïcode"], "failed", message))
+
+    assert select_all(database_url, sa.select(Commit.message)) == [message]
+    assert store.stage_rows(REPO, sha)["detail"].iloc[0] == message
+    assert store.tests()[["name", "message"]].iloc[0].tolist() == ["test_ünïcode", message]
+
+
+def test_datetimes_come_back_as_the_same_instant_in_utc(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    started_at = datetime(2025, 3, 1, 11, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+    record_build(store, sha, stages={})
+    store.record_stage(REPO, sha, StageRecord("unit", "success", started_at, 2.0))
+
+    stored = store.stage_rows(REPO, sha)["started_at"].iloc[0]
+    assert stored == started_at
+    assert stored.tzinfo is not None and stored.utcoffset() == timedelta(0)
+
+
+def test_naive_datetimes_are_refused(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        store.record_stage(
+            REPO, commit_sha(1), StageRecord("unit", "success", datetime(2025, 3, 1), 1.0)
+        )
+
+
+# -- builds() and tests() --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stages", "gate_passed", "status"),
+    [
+        ({}, True, "running"),
+        ({"source": "success"}, True, "running"),
+        ({"source": "success", "build": "success"}, True, "success"),
+        ({"source": "success", "build": "success", "unit": "skipped"}, True, "success"),
+        ({"source": "failed"}, True, "failed"),
+        ({"source": "success", "build": "success", "e2e": "failed"}, True, "failed"),
+        ({"source": "success", "build": "success", "unit": "success"}, False, "failed"),
+    ],
+)
+def test_build_status_is_failed_on_any_red_stage_or_gate_and_success_once_built(
+    store: HistoryStore, stages: dict[str, str], gate_passed: bool, status: str
+) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages=stages)
+    store.record_gates(REPO, sha, "unit", [GateRecord("min_pass_rate", gate_passed, 1.0, 0.9, "")])
+
+    assert list(store.builds()["status"]) == [status]
+
+
+def test_builds_add_up_durations_and_test_stage_counts(store: HistoryStore) -> None:
+    sha = commit_sha(1)
+    record_build(store, sha, stages={"source": "success", "build": "success"})
+    counts = {"passed": 7, "failed": 1, "errors": 1, "skipped": 1}
+    store.record_stage(REPO, sha, stage_record("unit", "failed", tests=10, **counts))
+    store.record_stage(REPO, sha, stage_record("e2e", "success", tests=1, passed=1))
+
+    [build] = store.builds().to_dict("records")
+    assert build["duration_s"] == 4.0
+    assert {key: build[key] for key in ("tests", "passed", "failed", "errors", "skipped")} == {
+        "tests": 11,
+        "passed": 8,
+        "failed": 1,
+        "errors": 1,
+        "skipped": 1,
+    }
+    assert build["pass_rate"] == pytest.approx(0.8)
+    assert (build["repository"], build["commit"], build["ref"], build["branch"]) == (
+        REPO,
+        sha,
+        "refs/heads/main",
+        "main",
+    )
+
+
+def test_builds_without_tests_count_zero_and_have_no_pass_rate(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={"source": "success"})
+
+    [build] = store.builds().to_dict("records")
+    assert (build["tests"], build["passed"]) == (0, 0)
+    assert pd.isna(build["pass_rate"])
+
+
+def test_builds_are_newest_first_and_filter_by_since_branch_and_repository(
+    store: HistoryStore,
+) -> None:
+    record_build(store, commit_sha(1), stages={"source": "success"})
+    time.sleep(0.01)  # distinct creation times, even on a coarse clock
+    record_build(store, commit_sha(2), stages={"source": "success"}, branch="feature")
+    time.sleep(0.01)
+    record_build(store, commit_sha(3), stages={"source": "success"}, repository="other")
+
+    builds = store.builds()
+    assert list(builds["commit"]) == [commit_sha(3), commit_sha(2), commit_sha(1)]
+    # An aware `since` in any time zone compares as the same instant.
+    since = builds["created_at"].iloc[1].to_pydatetime().astimezone(timezone(timedelta(hours=-5)))
+    assert list(store.builds(since=since)["commit"]) == [commit_sha(3), commit_sha(2)]
+    assert list(store.builds(branch="main")["commit"]) == [commit_sha(3), commit_sha(1)]
+    assert list(store.builds(repository=REPO, branch="main")["commit"]) == [commit_sha(1)]
+    assert store.builds(since=datetime.now(UTC) + timedelta(hours=1)).empty
+
+
+def test_tests_filter_by_since_branch_and_stage(store: HistoryStore) -> None:
+    for number, branch in ((1, "main"), (2, "feature")):
+        sha = commit_sha(number)
+        record_build(store, sha, stages={"unit": "success", "e2e": "success"}, branch=branch)
+        store.record_test_cases(REPO, sha, "unit", cases_frame([f"test_unit_{number}"]))
+        store.record_test_cases(REPO, sha, "e2e", cases_frame([f"test_e2e_{number}"]))
+        time.sleep(0.01)
+    newest_created_at = store.builds()["created_at"].iloc[0].to_pydatetime()
+
+    tests = store.tests()
+    assert list(tests["name"]) == ["test_unit_2", "test_e2e_2", "test_unit_1", "test_e2e_1"]
+    assert list(tests.columns) == [
+        "repository",
+        "commit",
+        "branch",
+        "created_at",
+        "stage",
+        "suite",
+        "classname",
+        "name",
+        "duration_s",
+        "status",
+        "message",
+        "flaky",
+    ]
+    assert list(store.tests(branch="main")["name"]) == ["test_unit_1", "test_e2e_1"]
+    assert list(store.tests(stage="e2e")["name"]) == ["test_e2e_2", "test_e2e_1"]
+    assert list(store.tests(since=newest_created_at)["name"]) == ["test_unit_2", "test_e2e_2"]
+    assert store.tests(repository="other").empty
+
+
+# -- last_green_benchmarks() -----------------------------------------------------------------
+
+
+def test_last_green_benchmarks_are_the_newest_green_performance_run_on_the_branch(
+    store: HistoryStore,
+) -> None:
+    record_performance(store, commit_sha(1), mean_s=1.0)
+    record_performance(store, commit_sha(2), mean_s=2.0)
+    record_performance(store, commit_sha(3), mean_s=3.0, status="failed")
+    record_performance(store, commit_sha(4), mean_s=4.0, gate_passed=False)
+    record_performance(store, commit_sha(5), mean_s=5.0, branch="feature")
+
+    baseline = store.last_green_benchmarks(REPO, "main")
+    assert baseline is not None
+    assert baseline[["name", "mean_s", "rounds"]].to_dict("records") == [
+        {"name": "test_parse", "mean_s": 2.0, "rounds": 20}
+    ]
+
+
+def test_last_green_benchmarks_skip_the_commit_being_compared(store: HistoryStore) -> None:
+    record_performance(store, commit_sha(1), mean_s=1.0)
+    record_performance(store, commit_sha(2), mean_s=2.0)
+
+    baseline = store.last_green_benchmarks(REPO, "main", before_sha=commit_sha(2))
+    assert baseline is not None
+    assert list(baseline["mean_s"]) == [1.0]
+
+
+def test_last_green_benchmarks_are_none_without_a_green_run(store: HistoryStore) -> None:
+    record_performance(store, commit_sha(1), mean_s=1.0, status="failed")
+    record_performance(store, commit_sha(2), mean_s=2.0, branch="feature")
+
+    assert store.last_green_benchmarks(REPO, "main") is None
+    assert store.last_green_benchmarks("other", "main") is None
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+BUILDS_PER_WRITER = 15
+SHARED_SHA = commit_sha(999_999)
+
+
+def write_builds(url: str, writer: int, start: Event) -> None:
+    """One writer process: opens (and so migrates) the store, then records builds."""
+    start.wait(timeout=60)
+    history = HistoryStore(url)
+    try:
+        for number in range(BUILDS_PER_WRITER):
+            sha = commit_sha(1000 * writer + number)
+            history.record_commit(REPO, REPO_URL, commit_record(sha))
+            record_build(history, sha, stages={"source": "success", "unit": "success"})
+            history.record_test_cases(REPO, sha, "unit", cases_frame(["test_a", "test_b"]))
+            # Both writers also upsert the same build and stage.
+            record_build(history, SHARED_SHA, stages={"source": "success"})
+    finally:
+        history.dispose()
+
+
+def test_two_processes_can_migrate_and_write_at_once(database_url: str) -> None:
+    # spawn: a forked child would inherit the parent's pooled connections.
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    writers = [
+        context.Process(target=write_builds, args=(database_url, writer, start))
+        for writer in (1, 2)
+    ]
+    for process in writers:
+        process.start()
+    start.set()
+    try:
+        for process in writers:
+            process.join(timeout=120)
+    finally:
+        for process in writers:
+            if process.is_alive():
+                process.kill()
+    assert [process.exitcode for process in writers] == [0, 0]
+
+    history = HistoryStore(database_url)
+    try:
+        assert len(history.builds()) == 2 * BUILDS_PER_WRITER + 1
+        assert len(history.tests()) == 2 * BUILDS_PER_WRITER * 2
+        assert list(history.stage_rows(REPO, SHARED_SHA)["name"]) == ["source"]
+    finally:
+        history.dispose()
