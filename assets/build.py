@@ -28,7 +28,7 @@ def build_asset(
     @asset(
         key=AssetKey([repository.name, "build"]),
         deps=[AssetKey([repository.name, "source"])],
-        group_name=repository.name,
+        group_name=repository.identifier,
         partitions_def=partitions,
         kinds={"python"},
         description="Dependencies, build steps and the collected artifacts of the commit.",

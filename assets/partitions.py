@@ -6,4 +6,4 @@ from cicd_dagster.config import RepositoryConfig
 
 
 def commit_partitions(repository: RepositoryConfig) -> DynamicPartitionsDefinition:
-    return DynamicPartitionsDefinition(name=f"{repository.name}_commits")
+    return DynamicPartitionsDefinition(name=f"{repository.identifier}_commits")

@@ -27,7 +27,7 @@ def source_asset(
 ) -> AssetsDefinition:
     @asset(
         key=AssetKey([repository.name, "source"]),
-        group_name=repository.name,
+        group_name=repository.identifier,
         partitions_def=partitions,
         kinds={"git"},
         description=f"The commit of {repository.name} checked out, and its .cicd.yml.",
@@ -81,6 +81,7 @@ def source_asset(
         )
         configured = [name for name, stage in outcome.pipeline.tests.stages().items() if stage]
         metadata = {
+            "status": "success",
             "commit": commit.sha,
             "ref": outcome.ref,
             "branch": outcome.branch or "",

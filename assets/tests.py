@@ -46,12 +46,19 @@ def report_asset(
     @asset(
         key=key,
         deps=[AssetKey([repository.name, "build"])],
-        group_name=repository.name,
+        group_name=repository.identifier,
         partitions_def=partitions,
         kinds={"pytest"} if stage != "performance" else {"pytest", "benchmark"},
         description=f"The {stage} test report of the commit.",
         check_specs=[
-            AssetCheckSpec(name, asset=key, blocking=True, description=GATE_DESCRIPTIONS[name])
+            # partitions_def records each gate per commit, not one result for all commits.
+            AssetCheckSpec(
+                name,
+                asset=key,
+                blocking=True,
+                partitions_def=partitions,
+                description=GATE_DESCRIPTIONS[name],
+            )
             for name in GATES_BY_STAGE[stage]
         ],
     )
@@ -119,7 +126,7 @@ def report_asset(
 def report_metadata(outcome: TestStageOutcome) -> dict[str, object]:
     """Counts and rates as numbers (so the UI plots them), failures and slow tests as tables."""
     if not outcome.configured:
-        return {"status": "not_configured"}
+        return {"status": "not_configured", "duration_s": 0.0}
     summary = outcome.summary
     cases = outcome.cases
     assert summary is not None and cases is not None

@@ -30,7 +30,7 @@ from cicd_dagster.config import (
     parse_pipeline_config,
 )
 from cicd_dagster.git import GitError, Mirror, ls_remote, select_refs
-from cicd_dagster.report import STAGES, run_report
+from cicd_dagster.report import STAGES
 from cicd_dagster.store import HistoryStore
 
 app = typer.Typer(
@@ -140,7 +140,7 @@ def run(
     run_id = new_run_id()
     err.print(f"[bold]{repo.name}[/] {target} @ {sha[:12]}  run {run_id}")
     with _StageProgress(history, repo.name, sha, run_id, enabled=not verbose):
-        run_commit(
+        report = run_commit(
             control,
             repo.name,
             sha,
@@ -150,7 +150,6 @@ def run(
             force=force,
             stream_logs=verbose,
         )
-    report = run_report(history, repo.name, sha, run_id, ref=target, branch=branch)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

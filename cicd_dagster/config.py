@@ -215,6 +215,11 @@ class RepositoryConfig(_NamedModel):
     poll_interval_s: int = Field(default=30, ge=5, le=86400)
     keep_workspaces: int = Field(default=20, ge=1)
 
+    @property
+    def identifier(self) -> str:
+        """The name as Dagster's group, job and partition names allow it (no '-')."""
+        return self.name.replace("-", "_")
+
     @field_validator("url")
     @classmethod
     def _resolve_local_url(cls, url: str, info: ValidationInfo) -> str:

@@ -1,66 +1,66 @@
-"""The result of one CI run of a commit, as the `cicd run --json` contract shapes it."""
+"""The result of one CI run of a commit, in the shape the `cicd run --json` contract fixes."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cicd_dagster.stages.tests import TEST_STAGES
-from cicd_dagster.store import HistoryStore
 
 STAGES = ("source", "build", *TEST_STAGES)
-_COUNTS = ("tests", "passed", "failed", "errors", "skipped")
+_TEST_FIELDS = ("tests", "passed", "failed", "errors", "skipped")
+
+
+def stage_of_asset(asset_name: str) -> str:
+    """`unit_tests` -> `unit`; `source` and `build` are their own stage."""
+    return asset_name.removesuffix("_tests")
 
 
 def run_report(
-    history: HistoryStore, repository: str, sha: str, run_id: str, *, ref: str, branch: str | None
+    *,
+    repository: str,
+    commit: str,
+    ref: str,
+    branch: str | None,
+    run_id: str,
+    stages: Mapping[str, Mapping[str, Any]],
+    gates: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Stages this run did not reach (an upstream failed) are reported as skipped."""
-    rows = {row["name"]: row for row in history.stage_rows(repository, sha).to_dict("records")}
-    stages: dict[str, dict[str, Any]] = {}
+    """`stages` maps a stage to what its asset recorded; a stage the run never reached
+    (an upstream stage failed) is reported as skipped."""
+    shaped: dict[str, dict[str, Any]] = {}
     for name in STAGES:
-        row = rows.get(name)
-        if row is None or row["run_id"] != run_id:
-            stages[name] = {"status": "skipped", "duration_s": 0.0}
-            continue
+        recorded = stages.get(name, {"status": "skipped"})
         stage: dict[str, Any] = {
-            "status": row["status"],
-            "duration_s": round(float(row["duration_s"] or 0.0), 3),
+            "status": recorded["status"],
+            "duration_s": round(float(recorded.get("duration_s") or 0.0), 3),
         }
-        if name in TEST_STAGES and row["status"] != "not_configured":
-            stage.update({key: _int(row[key]) for key in _COUNTS})
-        if row.get("reused"):
+        if name in TEST_STAGES and "tests" in recorded:
+            stage.update({key: int(recorded.get(key) or 0) for key in _TEST_FIELDS})
+        if recorded.get("reused"):
             stage["reused"] = True
-        if row.get("detail") and row["status"] == "failed":
-            stage["detail"] = row["detail"]
-        stages[name] = stage
-    gate_rows = history.gate_rows(repository, sha).to_dict("records")
-    gates = [
+        if recorded.get("detail"):
+            stage["detail"] = recorded["detail"]
+        shaped[name] = stage
+    gate_list = [
         {
             "name": f"{gate['stage']}.{gate['name']}",
             "stage": gate["stage"],
             "passed": bool(gate["passed"]),
             "detail": gate["detail"],
         }
-        for gate in gate_rows
-        if stages.get(gate["stage"], {}).get("status") not in (None, "skipped")
+        for gate in sorted(gates, key=lambda g: (STAGES.index(g["stage"]), g["name"]))
     ]
-    green = all(s["status"] in ("success", "not_configured") for s in stages.values()) and all(
-        g["passed"] for g in gates
+    green = all(s["status"] in ("success", "not_configured") for s in shaped.values()) and all(
+        gate["passed"] for gate in gate_list
     )
     return {
         "repository": repository,
-        "commit": sha,
+        "commit": commit,
         "ref": ref,
         "branch": branch,
         "run_id": run_id,
         "status": "success" if green else "failed",
-        "stages": stages,
-        "gates": gates,
+        "stages": shaped,
+        "gates": gate_list,
     }
-
-
-def _int(value: Any) -> int:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return 0
-    return int(value)

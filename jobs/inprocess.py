@@ -6,30 +6,33 @@ in the UI's run list with its events, metadata and checks.
 """
 
 import os
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 from dagster._core.utils import make_new_run_id
 
 from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
 from assets.partitions import commit_partitions
 from cicd_dagster.config import ControlConfig
 from cicd_dagster.definitions import build_definitions
+from cicd_dagster.report import run_report, stage_of_asset
 from jobs import ci_job_name
-
-
-@dataclass(frozen=True)
-class CommitRun:
-    run_id: str
-    success: bool
 
 
 def use_instance(config: ControlConfig) -> DagsterInstance:
     """The Dagster instance of this control plane (DAGSTER_HOME, else home/dagster)."""
-    if "DAGSTER_HOME" not in os.environ:
-        config.dagster_home.mkdir(parents=True, exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(config.dagster_home)
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(config.dagster_home)))
+    home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        # Local state only: no telemetry, no first-run banner.
+        settings.write_text("telemetry:\n  enabled: false\n")
     return DagsterInstance.get()
+
+
+def new_run_id() -> str:
+    return make_new_run_id()
 
 
 def run_commit(
@@ -42,16 +45,17 @@ def run_commit(
     run_id: str | None = None,
     force: bool = False,
     stream_logs: bool = True,
-) -> CommitRun:
+) -> dict[str, Any]:
+    """Run the CI job of one commit; returns the `cicd run --json` report of that run."""
     instance = use_instance(config)
     repo = config.repository(repository)
     partitions = commit_partitions(repo)
     if not instance.has_dynamic_partition(partitions.name or "", sha):
         instance.add_dynamic_partitions(partitions.name or "", [sha])
     job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(
-        ci_job_name(repository)
+        ci_job_name(repo)
     )
-    run_id = run_id or make_new_run_id()
+    run_id = run_id or new_run_id()
     tags = {REF_TAG: ref, BRANCH_TAG: branch or "", "cicd/trigger": "cli"}
     if force:
         tags[FORCE_TAG] = "true"
@@ -65,11 +69,43 @@ def run_commit(
         tags=tags,
         raise_on_error=False,
     )
-    checks_passed = all(
-        evaluation.passed for evaluation in result.get_asset_check_evaluations()
+    return run_report(
+        repository=repository,
+        commit=sha,
+        ref=ref,
+        branch=branch,
+        run_id=run_id,
+        stages=_recorded_stages(result),
+        gates=[
+            {
+                "stage": stage_of_asset(evaluation.asset_key.path[-1]),
+                "name": evaluation.check_name,
+                "passed": evaluation.passed,
+                "detail": evaluation.metadata["detail"].value,
+            }
+            for evaluation in result.get_asset_check_evaluations()
+        ],
     )
-    return CommitRun(run_id=run_id, success=result.success and checks_passed)
 
 
-def new_run_id() -> str:
-    return make_new_run_id()
+def _recorded_stages(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
+    """Each stage's own metadata when it materialized, else why its step failed."""
+    stages: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        stages[stage_of_asset(materialization.asset_key.path[-1])] = {
+            label: value.value for label, value in materialization.metadata.items()
+        }
+    step_to_stage = {
+        AssetKey(key.path).to_python_identifier(): stage_of_asset(key.path[-1])
+        for key in result.job_def.asset_layer.executable_asset_keys
+    }
+    for event in result.get_step_failure_events():
+        stage = step_to_stage.get(event.step_key or "")
+        if stage is None or stage in stages:
+            continue  # a materialized stage whose blocking check failed keeps its report
+        failure = event.step_failure_data
+        user = failure.user_failure_data
+        detail = user.description if user and user.description else failure.error.message
+        stages[stage] = {"status": "failed", "detail": detail}
+    return stages

@@ -5,6 +5,7 @@ repository and commit, and every write is an upsert or a replacement of that bui
 re-materializing a partition never duplicates anything.
 """
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,11 +100,11 @@ class HistoryStore:
     """
 
     def __init__(self, url: str) -> None:
-        self.url = sa.make_url(url)
-        is_sqlite = self.url.get_backend_name() == "sqlite"
-        if is_sqlite and self.url.database not in (None, "", ":memory:"):
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = sa.create_engine(self.url)
+        parsed_url = sa.make_url(url)
+        is_sqlite = parsed_url.get_backend_name() == "sqlite"
+        if is_sqlite and parsed_url.database not in (None, "", ":memory:"):
+            Path(parsed_url.database).parent.mkdir(parents=True, exist_ok=True)
+        self._engine = sa.create_engine(parsed_url)
         if is_sqlite:
             _configure_sqlite(self._engine)
         self.migrate()
@@ -181,11 +182,10 @@ class HistoryStore:
             raise ValueError(f"unknown stage status {stage.status!r}; expected {STAGE_STATUSES}")
         with self._writing() as session:
             build_id = _build_id(session, repository, commit_sha)
-            fields = {
-                name: getattr(stage, name) for name in stage.__dataclass_fields__ if name != "name"
-            }
-            _upsert(session, Stage, {"build_id": build_id, "name": stage.name}, fields)
-            self._touch(session, build_id)
+            fields = dataclasses.asdict(stage)
+            key = {"build_id": build_id, "name": fields.pop("name")}
+            _upsert(session, Stage, key, fields)
+            _touch_build(session, build_id)
 
     def record_test_cases(
         self, repository: str, commit_sha: str, stage: str, cases: pd.DataFrame
@@ -226,7 +226,7 @@ class HistoryStore:
                         for gate in gates
                     ],
                 )
-            self._touch(session, build_id)
+            _touch_build(session, build_id)
 
     def record_artifacts(
         self, repository: str, commit_sha: str, artifacts: Sequence[ArtifactRecord]
@@ -252,7 +252,7 @@ class HistoryStore:
                     for artifact in artifacts
                 ],
             )
-            self._touch(session, build_id)
+            _touch_build(session, build_id)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -296,7 +296,8 @@ class HistoryStore:
 
         status: "failed" if a stage or gate failed, else "success" once source and build
         succeeded, else "running". Counts add up the test stages; pass_rate is
-        passed / (passed + failed + errors), NaN when nothing ran.
+        passed / (passed + failed + errors), NaN when nothing ran. `since` keeps the builds
+        created at or after it.
         """
         totals = _stage_totals()
         counts = {name: sa.func.coalesce(totals.c[name], 0) for name in _COUNTS}
@@ -414,11 +415,6 @@ class HistoryStore:
             with Session(connection) as session, session.begin():
                 yield session
 
-    def _touch(self, session: Session, build_id: int) -> None:
-        session.execute(
-            sa.update(Build).where(Build.id == build_id).values(updated_at=datetime.now(UTC))
-        )
-
     def _replace_stage_rows(
         self,
         repository: str,
@@ -441,7 +437,7 @@ class HistoryStore:
             rows = _insert_rows(frame, model, {"stage_id": stage_id})
             if rows:
                 session.execute(sa.insert(model), rows)
-            self._touch(session, build_id)
+            _touch_build(session, build_id)
 
     def _read(self, statement: sa.Select[*tuple[Any, ...]]) -> pd.DataFrame:
         with self._engine.connect() as connection:
@@ -497,7 +493,7 @@ def _upsert(
                 row = model(**key, **values, **(on_insert or {}))
                 session.add(row)
             return row
-        except ZeroDivisionError:
+        except IntegrityError:
             row = session.scalars(existing).one_or_none()
             if row is None:
                 raise
@@ -516,6 +512,12 @@ def _build_id(session: Session, repository: str, commit_sha: str) -> int:
     if build_id is None:
         raise LookupError(f"no build of {repository}@{commit_sha}: record_build() first")
     return build_id
+
+
+def _touch_build(session: Session, build_id: int) -> None:
+    session.execute(
+        sa.update(Build).where(Build.id == build_id).values(updated_at=datetime.now(UTC))
+    )
 
 
 def _insert_rows(

@@ -91,6 +91,7 @@ class Build(Base):
     branch: Mapped[str | None] = mapped_column(sa.Text)
     run_id: Mapped[str | None] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]
+    # Bumped by every write to the build or to its stages, tests, gates and artifacts.
     updated_at: Mapped[datetime]
 
 

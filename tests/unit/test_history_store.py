@@ -259,7 +259,9 @@ def test_re_recording_benchmarks_replaces_them_and_stores_missing_baselines_as_n
         REPO, sha, "performance", benchmark_frame(1.0).assign(baseline_mean_s=float("nan"))
     )
 
-    [benchmark] = store.last_green_benchmarks(REPO, "main").to_dict("records")  # type: ignore[union-attr]
+    baseline = store.last_green_benchmarks(REPO, "main")
+    assert baseline is not None
+    [benchmark] = baseline.to_dict("records")
     assert benchmark["mean_s"] == 1.0
     assert pd.isna(benchmark["baseline_mean_s"])
     assert pd.isna(benchmark["regression"])

@@ -1,0 +1,3 @@
+from cicd_dagster.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""Real git repositories and control-plane configs for tests, made in temp folders."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+AUTHOR = ["-c", "user.name=Test Author", "-c", "user.email=author@example.com"]
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", *AUTHOR, "-C", str(repo), *args], check=True, capture_output=True, text=True
+    )
+    return done.stdout.strip()
+
+
+def commit(repo: Path, files: dict[str, str], message: str = "feat: change") -> str:
+    """Write `files` into `repo` (creating it on first use) and commit them; returns the sha."""
+    if not (repo / ".git").exists():
+        repo.mkdir(parents=True, exist_ok=True)
+        git(repo, "init", "--quiet", "--initial-branch=main")
+    for name, text in files.items():
+        path = repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "--allow-empty", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def junit_xml(passed: int = 1, failed: int = 0, skipped: int = 0) -> str:
+    cases = [f'<testcase classname="t" name="ok{i}" time="0.01"/>' for i in range(passed)]
+    cases += [
+        f'<testcase classname="t" name="bad{i}" time="0.02"><failure message="boom {i}"/></testcase>'
+        for i in range(failed)
+    ]
+    cases += [
+        f'<testcase classname="t" name="skip{i}"><skipped message="later"/></testcase>'
+        for i in range(skipped)
+    ]
+    return f'<testsuite name="t">{"".join(cases)}</testsuite>'
+
+
+def pipeline_writing_reports(unit: str | None = None, extra: str = "") -> str:
+    """A .cicd.yml whose unit stage writes a fixed JUnit report (no network, no pytest)."""
+    report = unit if unit is not None else junit_xml(3)
+    return (
+        "build:\n"
+        '  steps: ["mkdir -p dist && echo built > dist/app.txt"]\n'
+        '  artifacts: ["dist/*.txt"]\n'
+        "tests:\n"
+        "  unit:\n"
+        f"    run: printf '%s' '{report}' > \"$CICD_REPORTS_DIR/unit.xml\"\n"
+        + extra
+    )
+
+
+def control_config(
+    folder: Path, repositories: dict[str, Path | str], extra: str = "", repo_extra: str = ""
+) -> Path:
+    lines = ["home: .cicd", "repositories:"]
+    for name, url in repositories.items():
+        lines += [f"  - name: {name}", f"    url: {url}"]
+        lines += [f"    {line}" for line in repo_extra.splitlines() if line]
+    path = folder / "cicd.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
