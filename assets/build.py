@@ -79,4 +79,3 @@ def build_asset(
         )
 
     return build
-

@@ -26,7 +26,9 @@ FORCE_TAG = "cicd/force"
 DETECTED_AT_TAG = "cicd/detected_at"
 
 
-def stage_context(context: AssetExecutionContext, cicd: CicdResource, repository: str) -> StageContext:
+def stage_context(
+    context: AssetExecutionContext, cicd: CicdResource, repository: str
+) -> StageContext:
     tags = context.run.tags
     return StageContext.for_commit(
         cicd.control_config(),

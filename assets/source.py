@@ -1,6 +1,7 @@
 """source: the commit checked out, with who, what and why in its metadata."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -80,7 +81,7 @@ def source_asset(
             columns=["path", "status", "added", "deleted"],
         )
         configured = [name for name, stage in outcome.pipeline.tests.stages().items() if stage]
-        metadata = {
+        metadata: dict[str, Any] = {
             "status": "success",
             "commit": commit.sha,
             "ref": outcome.ref,

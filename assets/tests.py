@@ -6,6 +6,7 @@ checks, so a failed gate stops everything downstream in the run.
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from dagster import (
     AssetCheckResult,
@@ -123,7 +124,7 @@ def report_asset(
     return tests
 
 
-def report_metadata(outcome: TestStageOutcome) -> dict[str, object]:
+def report_metadata(outcome: TestStageOutcome) -> dict[str, Any]:
     """Counts and rates as numbers (so the UI plots them), failures and slow tests as tables."""
     if not outcome.configured:
         return {"status": "not_configured", "duration_s": 0.0}
@@ -132,7 +133,7 @@ def report_metadata(outcome: TestStageOutcome) -> dict[str, object]:
     assert summary is not None and cases is not None
     failures = cases[cases["status"].isin(["failed", "error"])]
     slowest = cases.sort_values("duration_s", ascending=False)
-    metadata: dict[str, object] = {
+    metadata: dict[str, Any] = {
         "status": outcome.status,
         "tests": summary.tests,
         "passed": summary.passed,

@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,14 +42,14 @@ app = typer.Typer(
 history_app = typer.Typer(help="Query the history DB.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines must stay whole, never wrapped
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="cicd.yaml (default: $CICD_CONFIG or ./cicd.yaml)"),
 ]
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"
@@ -116,9 +116,13 @@ def validate(config: ConfigOption = None) -> None:
 @app.command()
 def run(
     repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
-    ref: Annotated[str | None, typer.Option(help="branch, tag or sha (default: the default branch)")] = None,
+    ref: Annotated[
+        str | None, typer.Option(help="branch, tag or sha (default: the default branch)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the run as JSON")] = False,
-    force: Annotated[bool, typer.Option(help="re-run stages even if their inputs are unchanged")] = False,
+    force: Annotated[
+        bool, typer.Option(help="re-run stages even if their inputs are unchanged")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream step logs")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -203,7 +207,16 @@ class _StageProgress:
 
 def _print_report(report: dict[str, Any]) -> None:
     table = Table(title=f"{report['repository']} @ {report['commit'][:12]}: {report['status']}")
-    for column in ("stage", "status", "duration_s", "tests", "passed", "failed", "errors", "skipped"):
+    for column in (
+        "stage",
+        "status",
+        "duration_s",
+        "tests",
+        "passed",
+        "failed",
+        "errors",
+        "skipped",
+    ):
         table.add_column(column)
     for name, stage in report["stages"].items():
         table.add_row(
@@ -225,7 +238,11 @@ def _since(value: str | None) -> datetime | None:
     match = re.fullmatch(r"(\d+)([dhm])", value.strip())
     if match:
         amount, unit = int(match[1]), match[2]
-        delta = {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+        delta = {
+            "d": timedelta(days=amount),
+            "h": timedelta(hours=amount),
+            "m": timedelta(minutes=amount),
+        }[unit]
         return datetime.now(UTC) - delta
     try:
         moment = datetime.fromisoformat(value)

@@ -22,7 +22,7 @@ def _history_store(url: str) -> HistoryStore:
     return HistoryStore(url)
 
 
-class CicdResource(ConfigurableResource):  # type: ignore[misc]
+class CicdResource(ConfigurableResource):
     """The control-plane config (cicd.yaml), the history DB and how step logs are shown."""
 
     config_path: str

@@ -52,9 +52,7 @@ def run_commit(
     partitions = commit_partitions(repo)
     if not instance.has_dynamic_partition(partitions.name or "", sha):
         instance.add_dynamic_partitions(partitions.name or "", [sha])
-    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(
-        ci_job_name(repo)
-    )
+    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(ci_job_name(repo))
     run_id = run_id or new_run_id()
     tags = {REF_TAG: ref, BRANCH_TAG: branch or "", "cicd/trigger": "cli"}
     if force:
@@ -106,6 +104,9 @@ def _recorded_stages(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]
             continue  # a materialized stage whose blocking check failed keeps its report
         failure = event.step_failure_data
         user = failure.user_failure_data
-        detail = user.description if user and user.description else failure.error.message
+        if user and user.description:
+            detail = user.description
+        else:
+            detail = failure.error.message if failure.error else "the step failed"
         stages[stage] = {"status": "failed", "detail": detail}
     return stages

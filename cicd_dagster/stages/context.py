@@ -97,9 +97,7 @@ class StageContext:
             "CICD_WORKSPACE": str(ws.checkout),
             "CICD_REPORTS_DIR": str(ws.reports_dir(stage)),
             "CICD_ARTIFACTS_DIR": str(ws.artifacts_dir),
-            "UV_CACHE_DIR": os.environ.get(
-                "UV_CACHE_DIR", str(self.config.home / "cache" / "uv")
-            ),
+            "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", str(self.config.home / "cache" / "uv")),
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             **self.secrets,
         }

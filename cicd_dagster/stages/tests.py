@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +22,15 @@ from cicd_dagster.stages.context import StageContext, StageError, step_failure
 from cicd_dagster.workspace import fingerprint
 
 TEST_STAGES = ("unit", "integration", "e2e", "performance")
+
+
+@dataclass(frozen=True)
+class CommandsRun:
+    """How the stage's commands went; stored so that a re-run can reuse the reports."""
+
+    duration_s: float
+    exit_code: int | None
+    failure: str | None  # why the commands failed, when they did
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ def run_test_stage(
         stage_fingerprint = fingerprint(ctx.sha, stage_config.model_dump(mode="json"), env_key)
         cached = None if ctx.force else ctx.workspace.load_result(stage, stage_fingerprint)
         if cached is not None:
-            return read_reports(ctx, stage, stage_config, baseline, reused=True, **cached)
+            return read_reports(ctx, stage, stage_config, baseline, CommandsRun(**cached), True)
         reports_dir = ctx.workspace.reports_dir(stage)
         shutil.rmtree(reports_dir, ignore_errors=True)
         reports_dir.mkdir(parents=True)
@@ -80,19 +89,15 @@ def run_test_stage(
                     result.log_tail,
                 )
                 break
-        recorded = {
-            "duration_s": time.monotonic() - started,
-            "exit_code": exit_code,
-            "failure": failure,
-        }
+        commands = CommandsRun(time.monotonic() - started, exit_code, failure)
         try:
-            outcome = read_reports(ctx, stage, stage_config, baseline, **recorded)
+            outcome = read_reports(ctx, stage, stage_config, baseline, commands)
         except StageError as error:
             if failure:
                 raise StageError(f"{failure}; {error.message}", log_tail=log_tail) from error
             raise
         if outcome.status == "success":
-            ctx.workspace.save_result(stage, stage_fingerprint, recorded)
+            ctx.workspace.save_result(stage, stage_fingerprint, asdict(commands))
         return outcome
 
 
@@ -101,10 +106,7 @@ def read_reports(
     stage: str,
     config: TestStageConfig,
     baseline: pd.DataFrame | None,
-    *,
-    duration_s: float,
-    exit_code: int | None,
-    failure: str | None,
+    commands: CommandsRun,
     reused: bool = False,
 ) -> TestStageOutcome:
     """Parse everything the stage wrote under its reports folder."""
@@ -133,10 +135,10 @@ def read_reports(
     tests_failed = summary.failed + summary.errors > 0
     return TestStageOutcome(
         stage=stage,
-        status="failed" if failure or tests_failed else "success",
-        duration_s=duration_s,
-        exit_code=exit_code,
-        failure=failure,
+        status="failed" if commands.failure or tests_failed else "success",
+        duration_s=commands.duration_s,
+        exit_code=commands.exit_code,
+        failure=commands.failure,
         cases=cases,
         summary=summary,
         coverage=coverage,

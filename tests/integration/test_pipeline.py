@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +91,11 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(tmp_path, repo):
 
 
 def test_step_timeout_fails_the_stage_with_the_log_tail(tmp_path, repo):
-    pipeline = pipeline_writing_reports().replace(
-        "build:\n", "build:\n  timeout_s: 1\n"
-    ).replace('steps: ["mkdir', 'steps: ["echo about to hang; sleep 600; mkdir')
+    pipeline = (
+        pipeline_writing_reports()
+        .replace("build:\n", "build:\n  timeout_s: 1\n")
+        .replace('steps: ["mkdir', 'steps: ["echo about to hang; sleep 600; mkdir')
+    )
     sha = commit(repo, {".cicd.yml": pipeline})
     report = ci(control_config(tmp_path, {"app": repo}), "app", sha)
     build = report["stages"]["build"]
@@ -137,9 +140,11 @@ def test_corrupt_report_names_the_file(tmp_path, repo):
 
 
 def test_hostile_ref_names_reach_steps_only_as_data(tmp_path, repo):
-    pipeline = pipeline_writing_reports().replace(
-        'steps: ["mkdir', 'steps: ["printf %s \\"$CICD_BRANCH\\" > branch.txt", "mkdir'
-    ).replace('artifacts: ["dist/*.txt"]', 'artifacts: ["dist/*.txt", "branch.txt"]')
+    pipeline = (
+        pipeline_writing_reports()
+        .replace('steps: ["mkdir', 'steps: ["printf %s \\"$CICD_BRANCH\\" > branch.txt", "mkdir')
+        .replace('artifacts: ["dist/*.txt"]', 'artifacts: ["dist/*.txt", "branch.txt"]')
+    )
     commit(repo, {".cicd.yml": pipeline})
     hostile = "x$(touch${IFS}PWNED)"
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", "-b", hostile], check=True)
@@ -155,7 +160,7 @@ def test_hostile_ref_names_reach_steps_only_as_data(tmp_path, repo):
 
 
 def test_two_runs_of_the_same_commit_at_once_both_finish(tmp_path, repo):
-    sha = commit(repo, {".cicd.yml": pipeline_writing_reports()})
+    commit(repo, {".cicd.yml": pipeline_writing_reports()})
     config_path = control_config(tmp_path, {"app": repo})
     env = {**os.environ, "CICD_CONFIG": str(config_path)}
     runs = [
@@ -179,7 +184,13 @@ def test_cli_run_json_contract_and_exit_codes(tmp_path, repo):
     assert set(report) >= {"repository", "commit", "status", "stages", "gates"}
     assert report["status"] == "failed"
     assert set(report["stages"]["unit"]) >= {
-        "status", "duration_s", "tests", "passed", "failed", "errors", "skipped"
+        "status",
+        "duration_s",
+        "tests",
+        "passed",
+        "failed",
+        "errors",
+        "skipped",
     }
     unknown = subprocess.run([*CICD, "run", "nope"], env=env, capture_output=True, text=True)
     assert unknown.returncode == 2
@@ -216,3 +227,107 @@ def test_unreachable_repository_is_a_usage_error(tmp_path):
     done = subprocess.run([*CICD, "run", "gone"], env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert "missing" in done.stderr
+
+
+def test_dependency_env_is_reused_while_cache_files_are_unchanged(tmp_path, repo):
+    installs = tmp_path / "installs.log"
+    pipeline = pipeline_writing_reports().replace(
+        "build:\n",
+        f'build:\n  install: "echo installed >> {installs}"\n  cache: [requirements.txt]\n',
+    )
+    config = control_config(tmp_path, {"app": repo})
+    first = commit(repo, {".cicd.yml": pipeline, "requirements.txt": "six==1.16.0\n"})
+    second = commit(repo, {"README": "docs only"}, "docs: readme")
+    third = commit(repo, {"requirements.txt": "six==1.17.0\n"}, "build: bump six")
+    for sha in (first, second, third):
+        assert ci(config, "app", sha)["status"] == "success"
+    # Installed for the first commit, reused by the second, again for the changed file.
+    assert installs.read_text().count("installed") == 2
+
+
+def benchmark_json(mean: float) -> str:
+    stats = {
+        "mean": mean,
+        "median": mean,
+        "stddev": 0.0,
+        "min": mean,
+        "max": mean,
+        "rounds": 5,
+        "ops": 1 / mean,
+    }
+    return json.dumps(
+        {"benchmarks": [{"name": "test_total", "fullname": "bench.py::test_total", "stats": stats}]}
+    )
+
+
+def performance_pipeline(mean: float, max_regression: float) -> dict[str, str]:
+    """Files of a commit whose performance stage reports one benchmark with this mean."""
+    report = junit_xml(1)
+    pipeline = pipeline_writing_reports() + (
+        "  performance:\n"
+        "    run:\n"
+        f"      - printf '%s' '{report}' > \"$CICD_REPORTS_DIR/perf.xml\"\n"
+        '      - cp bench.json "$CICD_REPORTS_DIR/"\n'
+        f"gates:\n  max_perf_regression: {max_regression}\n"
+    )
+    return {".cicd.yml": pipeline, "bench.json": benchmark_json(mean)}
+
+
+def perf_gate(report: dict) -> dict:
+    return next(g for g in report["gates"] if g["name"] == "performance.max_perf_regression")
+
+
+def test_benchmarks_are_compared_with_the_last_green_default_branch_run(tmp_path, repo):
+    config = control_config(tmp_path, {"app": repo})
+    first = ci(config, "app", commit(repo, performance_pipeline(0.010, 0.5)))
+    assert first["status"] == "success"
+    assert "no green baseline" in perf_gate(first)["detail"]
+
+    slower = ci(config, "app", commit(repo, performance_pipeline(0.020, 0.5), "perf: slower"))
+    assert perf_gate(slower)["passed"] is False
+    assert "+100.0%" in perf_gate(slower)["detail"]
+    assert slower["status"] == "failed"
+
+    # The red run is no baseline: the next commit is compared with the green one.
+    faster = ci(config, "app", commit(repo, performance_pipeline(0.012, 0.5), "perf: faster"))
+    assert perf_gate(faster)["passed"] is True
+    assert "+20.0%" in perf_gate(faster)["detail"]
+
+
+@pytest.mark.slow
+def test_real_project_counts_equal_what_pytest_reports(tmp_path, repo):
+    """more-itertools' own suite through `cicd run`, against pytest run by hand."""
+    download = tmp_path / "sdist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+         ":all:", "more-itertools==10.5.0", "-d", str(download)],
+        check=True,
+    )  # fmt: skip
+    archive = next(download.glob("more?itertools-*.tar.gz"))
+    subprocess.run(["tar", "-xzf", str(archive), "-C", str(tmp_path)], check=True)
+    source = next(tmp_path.glob("more?itertools-*/"))
+    source.rename(repo)
+    pipeline = (
+        "build:\n"
+        "  install: uv pip install --quiet pytest\n"
+        "tests:\n"
+        "  unit:\n"
+        "    run: python -m pytest -q -p no:cacheprovider tests"
+        ' --junitxml="$CICD_REPORTS_DIR/unit.xml"\n'
+    )
+    sha = commit(repo, {".cicd.yml": pipeline}, "ci: pipeline")
+    report = ci(control_config(tmp_path, {"more-itertools": repo}), "more-itertools", sha)
+    unit = report["stages"]["unit"]
+
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    closing = by_hand.stdout.strip().splitlines()[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing)}
+    assert unit["passed"] == counts.get("passed", 0)
+    assert unit["skipped"] == counts.get("skipped", 0)
+    assert unit["failed"] == counts.get("failed", 0)
+    assert unit["tests"] > 600

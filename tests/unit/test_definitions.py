@@ -39,8 +39,7 @@ def graph_of(defs: Definitions) -> dict:
             for key in sorted(graph.get_all_asset_keys())
         },
         "checks": sorted(
-            f"{'/'.join(check.asset_key.path)}:{check.name}"
-            for check in graph.asset_check_keys
+            f"{'/'.join(check.asset_key.path)}:{check.name}" for check in graph.asset_check_keys
         ),
         "blocking_checks": sorted(
             f"{'/'.join(spec.asset_key.path)}:{spec.name}"
