@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs Dagster jobs or the cicd CLI
+
 from cicd_dagster.config import load_control_config
 from cicd_dagster.store import HistoryStore
 from jobs.inprocess import run_commit

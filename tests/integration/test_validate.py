@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import commit, control_config, git, pipeline_writing_reports
+
+pytestmark = pytest.mark.slow  # each test starts the cicd CLI
 
 CICD = [sys.executable, "-m", "cicd_dagster"]
 

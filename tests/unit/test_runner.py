@@ -121,8 +121,16 @@ def test_step_gets_exactly_the_environment_given(
 
 def test_base_environment_is_minimal_plus_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONTROL_PLANE_TOKEN", "must-not-leak")
+    network = {"SSL_CERT_FILE": "/ca.pem", "PIP_INDEX_URL": "https://mirror", "UV_OFFLINE": "1"}
+    for name, value in network.items():
+        monkeypatch.setenv(name, value)
     env = base_environment({"CI": "true", "LANG": "de_DE.UTF-8"})
-    assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CI"}
+    assert "CONTROL_PLANE_TOKEN" not in env
+    # How the machine reaches package indexes passes through: installs need it.
+    assert {name: env[name] for name in network} == network
+    machine_settings = {n for n in env if n.startswith(("PIP_", "UV_", "SSL_", "REQUESTS_"))}
+    minimal = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CI", "CURL_CA_BUNDLE"}
+    assert set(env) - machine_settings <= minimal
     assert {"PATH", "HOME", "TMPDIR"} <= set(env)
     assert (env["CI"], env["LANG"], env["LC_ALL"]) == ("true", "de_DE.UTF-8", "C.UTF-8")
 
