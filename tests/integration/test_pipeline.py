@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # each test runs Dagster jobs or the cicd CLI
-
 from cicd_dagster.config import load_control_config
 from cicd_dagster.store import HistoryStore
 from jobs.inprocess import run_commit
 from tests.support import commit, control_config, junit_xml, pipeline_writing_reports
+
+pytestmark = pytest.mark.slow  # each test runs Dagster jobs or the cicd CLI
 
 CICD = [sys.executable, "-m", "cicd_dagster"]
 
