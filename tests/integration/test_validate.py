@@ -31,9 +31,7 @@ def test_bad_pipeline_on_a_watched_branch_names_file_line_and_field(tmp_path):
     commit(repo, {".cicd.yml": pipeline_writing_reports()})
     git(repo, "checkout", "-q", "-b", "release/2.0")
     commit(repo, {".cicd.yml": "gates:\n  min_pass_rate: lots\n"})
-    config = control_config(
-        tmp_path, {"app": repo}, repo_extra='branches: ["main", "release/*"]'
-    )
+    config = control_config(tmp_path, {"app": repo}, repo_extra='branches: ["main", "release/*"]')
     done = validate(config)
     assert done.returncode == 2
     assert "app@release/2.0:.cicd.yml:2: gates.min_pass_rate" in done.stderr
