@@ -9,7 +9,6 @@ password or be redirected to another repository by inherited GIT_DIR-style varia
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import os
 import re
@@ -17,12 +16,14 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Collection, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
+
+from cicd_dagster.locks import file_lock
 
 _FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _COMMIT_SHA = re.compile(r"[0-9a-fA-F]{7,40}")
@@ -111,19 +112,6 @@ def _validate_sha(sha: str) -> str:
     if not _COMMIT_SHA.fullmatch(sha):
         raise ValueError(f"not a commit sha (7-40 hex digits): {sha!r}")
     return sha.lower()
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an flock on `lock_path` (across processes, and across threads: each call opens
-    its own file description)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- remote refs -------------------------------------------------------------------------
@@ -286,7 +274,7 @@ class Mirror:
         """Make the mirror an exact copy of the remote's refs: cloning it the first time;
         later following URL changes, force-pushes (`--force`) and deleted refs (`--prune`).
         """
-        with _exclusive_lock(self._lock_path):
+        with file_lock(self._lock_path):
             if self.path.exists():
                 try:
                     _git(["remote", "set-url", "--", "origin", self.url], cwd=self.path)
@@ -406,7 +394,7 @@ class Mirror:
         longer passes the clean-tree check.
         """
         full_sha = self._full_sha(sha)
-        with _exclusive_lock(dest.with_name(dest.name + ".lock")):
+        with file_lock(dest.with_name(dest.name + ".lock")):
             if self._holds_clean_commit(dest, full_sha):
                 os.utime(dest)  # recently used, as far as prune_workspaces is concerned
                 return dest

@@ -7,17 +7,17 @@ write (reports, logs, collected artifacts, stage results) is under
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cicd_dagster.config import ControlConfig
+from cicd_dagster.locks import file_lock
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -76,18 +76,6 @@ class CommitWorkspace:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, default=str))
         tmp.replace(path)
-
-
-@contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held across processes for the `with` block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fingerprint(*parts: object, files: Iterable[Path] = ()) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -66,3 +69,22 @@ def control_config(
     path = folder / "cicd.yaml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+def run_pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A real pytest run in `directory`, unaffected by this test session's options."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def pytest_counts(run: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """pytest's own closing line ("3 passed, 1 skipped in 0.1s") as {"passed": 3, ...}."""
+    closing = run.stdout.strip().splitlines()[-1]
+    return {word: int(count) for count, word in re.findall(r"(\d+) (\w+)", closing)}

@@ -13,10 +13,11 @@ from typing import Any
 from uv import find_uv_bin
 
 from cicd_dagster.config import PipelineConfig
+from cicd_dagster.locks import file_lock
 from cicd_dagster.runner import run_step
 from cicd_dagster.stages.context import StageContext, StageError, step_failure
 from cicd_dagster.store import ArtifactRecord
-from cicd_dagster.workspace import file_lock, fingerprint
+from cicd_dagster.workspace import fingerprint
 
 STAGE = "build"
 _READY_MARKER = ".cicd-ready"

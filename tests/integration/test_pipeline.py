@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,14 @@ import pytest
 from cicd_dagster.config import load_control_config
 from cicd_dagster.store import HistoryStore
 from jobs.inprocess import run_commit
-from tests.support import commit, control_config, junit_xml, pipeline_writing_reports
+from tests.support import (
+    commit,
+    control_config,
+    junit_xml,
+    pipeline_writing_reports,
+    pytest_counts,
+    run_pytest,
+)
 
 pytestmark = pytest.mark.slow  # each test runs Dagster jobs or the cicd CLI
 
@@ -321,14 +327,7 @@ def test_real_project_counts_equal_what_pytest_reports(tmp_path, repo):
     report = ci(control_config(tmp_path, {"more-itertools": repo}), "more-itertools", sha)
     unit = report["stages"]["unit"]
 
-    by_hand = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-    )
-    closing = by_hand.stdout.strip().splitlines()[-1]
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing)}
+    counts = pytest_counts(run_pytest(repo, "tests"))
     assert unit["passed"] == counts.get("passed", 0)
     assert unit["skipped"] == counts.get("skipped", 0)
     assert unit["failed"] == counts.get("failed", 0)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from cicd_dagster.reports.benchmark import (
     max_regression,
     parse_benchmark_json,
 )
+from tests.support import run_pytest
 
 BENCHMARK_SAMPLE = """
 import pytest
@@ -40,25 +38,12 @@ def real_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("benchmark-run")
     (directory / "test_speed.py").write_text(BENCHMARK_SAMPLE)
     report = directory / "benchmark.json"
-    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"--benchmark-json={report}",
-            "--benchmark-min-rounds=3",
-            "--benchmark-max-time=0.01",
-            "test_speed.py",
-        ],
-        cwd=directory,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_pytest(
+        directory,
+        f"--benchmark-json={report}",
+        "--benchmark-min-rounds=3",
+        "--benchmark-max-time=0.01",
+        "test_speed.py",
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return report

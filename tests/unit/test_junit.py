@@ -21,6 +21,7 @@ from cicd_dagster.reports.junit import (
     parse_junit_files,
     summarize,
 )
+from tests.support import pytest_counts, run_pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # shared/ lies beside the clone: /work/shared next to /work/main, and so in CI.
@@ -359,32 +360,12 @@ def test_fixture_errors(broken):
 def test_real_pytest_report_matches_pytest_summary(tmp_path: Path, junit_family: str) -> None:
     (tmp_path / "test_sample.py").write_text(PYTEST_SAMPLE)
     report = tmp_path / "junit.xml"
-    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            f"junit_family={junit_family}",
-            f"--junitxml={report}",
-            "test_sample.py",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_pytest(
+        tmp_path, "-o", f"junit_family={junit_family}", f"--junitxml={report}", "test_sample.py"
     )
     assert run.returncode == 1, run.stdout + run.stderr
+    reported = {word.rstrip("s"): n for word, n in pytest_counts(run).items()}
     closing_line = run.stdout.strip().splitlines()[-1]
-    reported = {
-        word.rstrip("s"): int(number)
-        for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", closing_line)
-    }
     assert reported == {"passed": 2, "failed": 1, "skipped": 1, "error": 1}, closing_line
 
     cases = parse_junit(report)
