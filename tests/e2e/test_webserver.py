@@ -1,7 +1,7 @@
-"""The UI path for real: `dagster dev` on loopback, driven through the webserver's GraphQL API.
+"""The UI path for real: `cicd ui` on loopback, driven through the webserver's GraphQL API.
 
-The tests start the same processes `cicd ui` starts (`dagster dev`: webserver, daemon and
-a code server) on a fresh DAGSTER_HOME, then do what a user does in the UI: add a commit
+The tests start `cicd ui` (which execs `dagster dev`: webserver, daemon and a code
+server) on a fresh DAGSTER_HOME, then do what a user does in the UI: add a commit
 as a partition, launch the repository's CI job for it, and read back the run's status,
 the unit_tests materialization's metadata and the min_pass_rate check.
 
@@ -164,20 +164,13 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     home.mkdir()
     # A fresh instance as a user gets one: defaults (queued runs), no telemetry.
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    workspace = base / "workspace.yaml"
-    workspace.write_text(
-        "load_from:\n"
-        "  - python_module:\n"
-        "      module_name: cicd_dagster.definitions\n"
-        "      attribute: defs\n"
-        f"      working_directory: {ROOT}\n"
-    )
     port = free_port()
     log = base / "dagster-dev.log"
     env = {**os.environ, "CICD_CONFIG": str(config), "DAGSTER_HOME": str(home)}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
+            # What a user runs: `cicd ui` writes its workspace and execs `dagster dev`.
+            [str(BIN / "cicd"), "ui", "--host", "127.0.0.1", "--port", str(port)],
             cwd=base,
             env=env,
             stdin=subprocess.DEVNULL,
