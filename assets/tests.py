@@ -77,7 +77,7 @@ def report_asset(
                 if stage == "performance"
                 else None
             )
-            outcome = run_test_stage(ctx, stage, pipeline, build.env_dir, build.env_key, baseline)
+            outcome = run_test_stage(ctx, stage, pipeline, build, baseline)
         except StageError as error:
             raise fail_stage(context, cicd, ctx, stage, started_at, error) from error
         gates = evaluate_gates(pipeline.gates, outcome)

@@ -19,13 +19,14 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS_DIR sends the JSON elsewhere (a smoke run that must not replace the figures).
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or ROOT / "benchmarks" / "results")
 VENV_BIN = ROOT / ".venv" / "bin"
 # The interpreter that runs `cicd`: the project's venv, else whatever runs this script.
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
@@ -126,10 +127,8 @@ def timed_run(
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def median(values: Sequence[float]) -> float:
@@ -251,6 +250,28 @@ def write_control_config(
     return path
 
 
+# --- cicd ---------------------------------------------------------------------------------
+
+
+def reset_control_plane(home: Path) -> None:
+    """Cold for the next timed run: no build env, checkout or stored stage result; the
+    Dagster instance, history DB and git mirror stay (an installation that built before)."""
+    for name in ("envs", "workspaces", "runs"):
+        shutil.rmtree(home / name, ignore_errors=True)
+
+
+def run_cicd(config: Path, name: str, env: dict[str, str], timeout_s: float) -> Timed:
+    result = timed_run(
+        [*CICD, "--config", str(config), "run", name, "--json"],
+        env=env,
+        cwd=config.parent,
+        timeout_s=timeout_s,
+    )
+    if result.returncode not in (0, 1) or not result.stdout.strip():
+        raise RuntimeError(f"cicd run failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
 # --- pytest's closing line ----------------------------------------------------------------
 
 _CLOSING = re.compile(r"^=*\s*(?P<body>\d+ [a-z ]+(?:, \d+ [a-z ]+)*) in [\d.]+s")
@@ -321,10 +342,10 @@ def metadata() -> dict[str, Any]:
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    print(f"\nresults: {path.relative_to(ROOT)}")
+    print(f"\nresults: {path}")
     return path
 
 

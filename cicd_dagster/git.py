@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import uuid
 from collections.abc import Collection, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -403,6 +404,7 @@ class Mirror:
             dest.parent.mkdir(parents=True, exist_ok=True)
             _git(["clone", "--shared", "--no-checkout", "--quiet", "--", str(self.path), str(dest)])
             _git(["checkout", "--detach", "--force", "--quiet", full_sha, "--"], cwd=dest)
+            (dest / ".git" / _CHECKOUT_ID).write_text(uuid.uuid4().hex)
         return dest
 
     @staticmethod
@@ -412,9 +414,22 @@ class Mirror:
         head = _git(["rev-parse", "--verify", "--quiet", "HEAD"], cwd=dest, check=False)
         if _decode(head.stdout).strip() != full_sha:
             return False
-        # Untracked files count as dirt too (ignored ones, such as build caches, do not).
-        status = _git(["status", "--porcelain", "--untracked-files=all"], cwd=dest, check=False)
+        # Untracked files are what the build made, and a retried test stage needs them; a
+        # changed tracked file means the commit itself was edited, so it is checked out anew.
+        status = _git(["status", "--porcelain", "--untracked-files=no"], cwd=dest, check=False)
         return status.returncode == 0 and not status.stdout
+
+
+_CHECKOUT_ID = "cicd-checkout-id"
+
+
+def checkout_id(dest: Path) -> str:
+    """Which checkout `dest` holds: a new id each time Mirror.checkout creates it anew, so
+    results made in an earlier checkout (build outputs) are never paired with this one."""
+    try:
+        return (dest / ".git" / _CHECKOUT_ID).read_text()
+    except OSError:
+        return ""
 
 
 # --- retention ---------------------------------------------------------------------------

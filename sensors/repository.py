@@ -46,7 +46,9 @@ def repository_sensor(
     @sensor(
         name=f"{repository.identifier}_commits",
         job=job,
-        minimum_interval_seconds=repository.poll_interval_s,
+        # The daemon checks sensors every 5 s and skips one whose last tick is younger than
+        # the minimum; at exactly poll_interval_s a tick due "now" slips a whole loop.
+        minimum_interval_seconds=max(1, repository.poll_interval_s - 1),
         default_status=DefaultSensorStatus.RUNNING,
         description=f"Polls {repository.url} for new heads of watched branches and tags.",
     )

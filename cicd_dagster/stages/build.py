@@ -13,6 +13,7 @@ from typing import Any
 from uv import find_uv_bin
 
 from cicd_dagster.config import PipelineConfig
+from cicd_dagster.git import checkout_id
 from cicd_dagster.locks import file_lock
 from cicd_dagster.runner import run_step
 from cicd_dagster.stages.context import StageContext, StageError, step_failure
@@ -97,7 +98,10 @@ def ensure_env(ctx: StageContext, pipeline: PipelineConfig) -> tuple[Path, str, 
 
 
 def build_fingerprint(ctx: StageContext, pipeline: PipelineConfig, key: str) -> str:
-    return fingerprint(ctx.sha, pipeline.build.model_dump(mode="json"), key)
+    # The checkout is part of the input: a re-created checkout lacks the build's outputs.
+    return fingerprint(
+        ctx.sha, pipeline.build.model_dump(mode="json"), key, checkout_id(ctx.workspace.checkout)
+    )
 
 
 def load_build(ctx: StageContext, pipeline: PipelineConfig) -> BuildOutcome:

@@ -18,6 +18,7 @@ from cicd_dagster.reports import ReportError
 from cicd_dagster.reports.benchmark import compare_benchmarks, parse_benchmark_json
 from cicd_dagster.reports.coverage import CoverageSummary, parse_cobertura
 from cicd_dagster.reports.junit import TestSummary, parse_junit_files, summarize
+from cicd_dagster.stages.build import BuildOutcome
 from cicd_dagster.stages.context import StageContext, StageError, step_failure
 from cicd_dagster.workspace import fingerprint
 
@@ -58,15 +59,15 @@ def run_test_stage(
     ctx: StageContext,
     stage: str,
     pipeline: PipelineConfig,
-    env_dir: Path,
-    env_key: str,
+    build: BuildOutcome,
     baseline: pd.DataFrame | None = None,
 ) -> TestStageOutcome:
     stage_config = pipeline.tests.stages()[stage]
     if stage_config is None:
         return TestStageOutcome(stage=stage, status="not_configured")
     with ctx.workspace.stage_lock(stage):
-        stage_fingerprint = fingerprint(ctx.sha, stage_config.model_dump(mode="json"), env_key)
+        # The build's fingerprint covers the commit, the env and the checkout it ran in.
+        stage_fingerprint = fingerprint(stage_config.model_dump(mode="json"), build.fingerprint)
         cached = None if ctx.force else ctx.workspace.load_result(stage, stage_fingerprint)
         if cached is not None:
             return read_reports(ctx, stage, stage_config, baseline, CommandsRun(**cached), True)
@@ -74,7 +75,7 @@ def run_test_stage(
         shutil.rmtree(reports_dir, ignore_errors=True)
         reports_dir.mkdir(parents=True)
         started = time.monotonic()
-        env = ctx.step_env(stage, pipeline, env_dir)
+        env = ctx.step_env(stage, pipeline, build.env_dir)
         exit_code: int | None = 0
         failure = None
         log_tail = ""

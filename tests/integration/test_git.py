@@ -17,6 +17,7 @@ from cicd_dagster.git import (
     Mirror,
     RemoteRef,
     RemoteState,
+    checkout_id,
     ls_remote,
     prune_workspaces,
     select_refs,
@@ -425,21 +426,24 @@ def test_checkout_gives_exactly_the_commits_tree(
     assert git(dest, "rev-parse", "HEAD") == before
 
 
-def test_checkout_reuses_a_clean_workspace_and_replaces_a_dirty_one(
+def test_checkout_keeps_build_outputs_and_replaces_an_edited_tree(
     origin: Path, mirror: Mirror, tmp_path: Path
 ) -> None:
     head = git(origin, "rev-parse", "HEAD")
     dest = mirror.checkout(head, tmp_path / "ws")
-    marker = dest / ".git" / "reused-marker"
-    marker.touch()
+    first_id = checkout_id(dest)
+    (dest / "dist").mkdir()
+    (dest / "dist" / "app.whl").write_text("built")  # untracked: the build's output
 
     assert mirror.checkout(head, dest) == dest
-    assert marker.exists()
+    assert (dest / "dist" / "app.whl").exists()
+    assert checkout_id(dest) == first_id
 
     (dest / "README.md").write_text("tampered\n")
     mirror.checkout(head, dest)
-    assert not marker.exists()
     assert (dest / "README.md").read_text() == "hello\n"
+    assert not (dest / "dist").exists()
+    assert checkout_id(dest) not in ("", first_id)
 
 
 def test_checkout_of_another_commit_replaces_the_workspace(

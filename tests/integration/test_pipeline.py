@@ -332,3 +332,24 @@ def test_real_project_counts_equal_what_pytest_reports(tmp_path, repo):
     assert unit["skipped"] == counts.get("skipped", 0)
     assert unit["failed"] == counts.get("failed", 0)
     assert unit["tests"] > 600
+
+
+def test_retry_of_a_failed_test_stage_sees_the_build_outputs(tmp_path, repo):
+    """A flaky test fails once; the retry reuses the build and still finds what it made."""
+    flaky = tmp_path / "failed-once"
+    pipeline = (
+        "build:\n"
+        "  steps: [echo generated > gen.txt]\n"
+        "tests:\n"
+        "  unit:\n"
+        "    run:\n"
+        f"      - test -f {flaky} || {{ touch {flaky}; exit 1; }}\n"
+        "      - test -f gen.txt\n"
+        f"      - printf '%s' '{junit_xml(1)}' > \"$CICD_REPORTS_DIR/unit.xml\"\n"
+    )
+    sha = commit(repo, {".cicd.yml": pipeline})
+    config = control_config(tmp_path, {"app": repo})
+    assert ci(config, "app", sha)["stages"]["unit"]["status"] == "failed"
+    retry = ci(config, "app", sha)
+    assert retry["stages"]["build"].get("reused") is True
+    assert retry["stages"]["unit"]["status"] == "success"

@@ -397,7 +397,7 @@ def test_a_vanished_repository_skips_with_its_name_and_keeps_its_cursor(
     assert list(requests_by_sha(other)) == [new]
 
 
-def test_minimum_interval_is_the_repository_poll_interval(
+def test_sensor_is_due_once_per_poll_interval(
     tmp_path: Path, shop: dict[str, str]
 ) -> None:
     def interval(folder: Path, repo_extra: str) -> int | None:
@@ -406,5 +406,6 @@ def test_minimum_interval_is_the_repository_poll_interval(
         defs = build_definitions(load_control_config(path), stream_logs=False)
         return defs.resolve_sensor_def("shop_commits").minimum_interval_seconds
 
-    assert interval(tmp_path / "custom", "poll_interval_s: 45") == 45
-    assert interval(tmp_path / "default", "") == 30
+    # One second under the interval, so the daemon's 5 s loop never skips a due tick.
+    assert interval(tmp_path / "custom", "poll_interval_s: 45") == 44
+    assert interval(tmp_path / "default", "") == 29
