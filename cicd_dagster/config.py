@@ -197,6 +197,11 @@ class _NamedModel(_StrictModel):
     name: ResourceName
     """Unique among its siblings; used in asset keys."""
 
+    @property
+    def identifier(self) -> str:
+        """The name as Dagster's group, job and partition names allow it (no '-')."""
+        return self.name.replace("-", "_")
+
 
 NamedModelT = TypeVar("NamedModelT", bound=_NamedModel)
 
@@ -214,11 +219,6 @@ class RepositoryConfig(_NamedModel):
     """Environment variables of the cicd process passed to steps and masked in logs."""
     poll_interval_s: int = Field(default=30, ge=5, le=86400)
     keep_workspaces: int = Field(default=20, ge=1)
-
-    @property
-    def identifier(self) -> str:
-        """The name as Dagster's group, job and partition names allow it (no '-')."""
-        return self.name.replace("-", "_")
 
     @field_validator("url")
     @classmethod
@@ -348,26 +348,36 @@ class ControlConfig(_StrictModel):
     @field_validator("repositories", "environments")
     @classmethod
     def _names_are_unique(cls, items: list[NamedModelT], info: ValidationInfo) -> list[NamedModelT]:
-        first_index_by_name: dict[str, int] = {}
+        # Names that differ only in '-' vs '_' would share their Dagster names.
+        first_index_by_identifier: dict[str, int] = {}
         duplicates: list[InitErrorDetails] = []
         for index, item in enumerate(items):
-            first_index = first_index_by_name.setdefault(item.name, index)
-            if first_index != index:
-                duplicates.append(
-                    InitErrorDetails(
-                        type=PydanticCustomError(
-                            "duplicate_name",
-                            'duplicate name "{name}" (first used by {field}[{first_index}])',
-                            {
-                                "name": item.name,
-                                "field": info.field_name,
-                                "first_index": first_index,
-                            },
-                        ),
-                        loc=(index, "name"),
-                        input=item.name,
-                    )
+            first_index = first_index_by_identifier.setdefault(item.identifier, index)
+            if first_index == index:
+                continue
+            first_name = items[first_index].name
+            message = (
+                'duplicate name "{name}" (first used by {field}[{first_index}])'
+                if first_name == item.name
+                else 'name "{name}" clashes with "{first_name}" ({field}[{first_index}]): '
+                "Dagster names turn '-' into '_'"
+            )
+            duplicates.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "duplicate_name",
+                        message,
+                        {
+                            "name": item.name,
+                            "first_name": first_name,
+                            "field": info.field_name,
+                            "first_index": first_index,
+                        },
+                    ),
+                    loc=(index, "name"),
+                    input=item.name,
                 )
+            )
         if duplicates:
             # Raised as a ValidationError so that each error points at the duplicate's own
             # "name" line rather than at the whole list.

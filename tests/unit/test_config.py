@@ -397,6 +397,23 @@ def test_duplicate_repository_name_points_at_the_second_one(write_config: WriteC
     )
 
 
+def test_names_that_share_a_dagster_name_are_refused(write_config: WriteConfig) -> None:
+    error = control_config_error(
+        write_config("""\
+            repositories:
+              - name: shop-api
+                url: /srv/git/shop-api
+              - name: shop_api
+                url: /srv/git/shop_api
+            """)
+    )
+
+    assert str(error) == (
+        'cicd.yaml:4: repositories[1].name: name "shop_api" clashes with "shop-api"'
+        " (repositories[0]): Dagster names turn '-' into '_'"
+    )
+
+
 def test_duplicate_environment_name_points_at_the_second_one(write_config: WriteConfig) -> None:
     error = control_config_error(
         write_config("""\
