@@ -397,9 +397,7 @@ def test_a_vanished_repository_skips_with_its_name_and_keeps_its_cursor(
     assert list(requests_by_sha(other)) == [new]
 
 
-def test_sensor_is_due_once_per_poll_interval(
-    tmp_path: Path, shop: dict[str, str]
-) -> None:
+def test_sensor_is_due_once_per_poll_interval(tmp_path: Path, shop: dict[str, str]) -> None:
     def interval(folder: Path, repo_extra: str) -> int | None:
         folder.mkdir()
         path = control_config(folder, {"shop": tmp_path / "shop"}, repo_extra=repo_extra)
