@@ -1,0 +1,1 @@
+"""Deploy targets (local, docker), strategies, traffic router and health probes."""
