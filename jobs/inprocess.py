@@ -16,6 +16,7 @@ from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
 from assets.partitions import commit_partitions
 from cicd_dagster.config import ControlConfig
 from cicd_dagster.definitions import build_definitions
+from cicd_dagster.locks import file_lock
 from cicd_dagster.report import run_report, stage_of_asset
 from jobs import ci_job_name
 
@@ -28,7 +29,10 @@ def use_instance(config: ControlConfig) -> DagsterInstance:
     if not settings.exists():
         # Local state only: no telemetry, no first-run banner.
         settings.write_text("telemetry:\n  enabled: false\n")
-    return DagsterInstance.get()
+    # Creating a fresh instance creates its SQLite schemas; two `cicd run`s starting at
+    # once on a new home would both try (table alembic_version already exists).
+    with file_lock(home / ".cicd-instance.lock"):
+        return DagsterInstance.get()
 
 
 def new_run_id() -> str:

@@ -1,0 +1,403 @@
+"""Deploy strategies for real: supervised service processes behind a real nginx router.
+
+Without nginx these tests skip, except under CICD_REQUIRE_NGINX=1 (CI), where a missing
+nginx must not pass silently (.ci/install-nginx.sh installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+
+from cicd_dagster.config import StrategyConfig
+from cicd_dagster.deploy.health import ProbeConfig
+from cicd_dagster.deploy.local import LocalSupervisor, free_port
+from cicd_dagster.deploy.router import NginxRouter, RouterError, find_nginx
+from cicd_dagster.deploy.strategies import DeployOutcome, Environment, Release
+
+# MODE good: 200 and VERSION on every path. unhealthy: /healthz answers 500.
+# flaky: /healthz is fine, but every odd-numbered other request answers 500 (half of
+# them, deterministically, so the canary's first request fails). broken_behind_router:
+# healthy when asked directly, 500 to whatever comes through the router (as a version
+# that falls over right after the switch).
+SERVICE = """\
+import itertools, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODE, VERSION = os.environ["MODE"], os.environ["VERSION"].encode()
+requests = itertools.count(1)
+
+class Service(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if MODE == "broken_behind_router" and "X-Forwarded-For" in self.headers:
+            status = 500
+        elif self.path == "/healthz":
+            status = 500 if MODE == "unhealthy" else 200
+        else:
+            status = 500 if MODE == "flaky" and next(requests) % 2 else 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(VERSION)))
+        self.end_headers()
+        self.wfile.write(VERSION)
+
+    def log_message(self, format, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Service).serve_forever()
+"""
+SERVE = f"exec {shlex.quote(sys.executable)} service.py"
+PROBES = ProbeConfig(timeout_s=1.0, interval_s=0.02, max_attempts=50, success_threshold=2)
+REQUEST_TIMEOUT_S = 2.0
+# No proxy from the environment: the probes must reach the router on 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str) -> str:
+    with _OPENER.open(url, timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.status == 200, response.status
+        return str(response.read().decode())
+
+
+class TrafficProbe(threading.Thread):
+    """Sequential GETs, each on a new connection, until told to stop, or by itself after
+    `max_requests` or `max_seconds`; records every answer and every failure."""
+
+    def __init__(self, url: str, max_requests: int = 2000, max_seconds: float = 20.0) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self._stop_requested = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        for _ in range(self.max_requests):
+            if self._stop_requested.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                self.answers.append(get(self.url))
+            except Exception as error:  # any failure at all is a dropped request
+                self.failures.append(repr(error))
+
+    def finish(self) -> None:
+        self._stop_requested.set()
+        self.join()
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    executable = find_nginx()
+    if executable:
+        return executable
+    reason = "nginx is not installed; run .ci/install-nginx.sh"
+    if os.environ.get("CICD_REQUIRE_NGINX") == "1":
+        pytest.fail(f"CICD_REQUIRE_NGINX=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def service_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / "service.py").write_text(SERVICE)
+    return folder
+
+
+@pytest.fixture
+def environment(tmp_path: Path, nginx: str) -> Iterator[Environment]:
+    """An environment "prod" whose slots and router are all stopped after the test."""
+    router = NginxRouter(tmp_path / "router", free_port(), nginx=nginx)
+    supervisor = LocalSupervisor(tmp_path / "services")
+    env = Environment("prod", tmp_path / "env", router, supervisor, PROBES)
+    yield env
+    env.down()
+    for state in supervisor.all() if supervisor.state_dir.exists() else []:
+        supervisor.stop(state.name, timeout_s=5)
+        for pid in (state.pid, state.child_pid):
+            if pid is not None:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    router.stop()
+
+
+def release(service_dir: Path, version: str, mode: str = "good") -> Release:
+    env = {"PATH": os.environ["PATH"], "VERSION": version, "MODE": mode}
+    return Release(version, SERVE, service_dir, env)
+
+
+def answers(environment: Environment, count: int = 20) -> Counter[str]:
+    return Counter(get(environment.router.url) for _ in range(count))
+
+
+def active_slots(environment: Environment) -> set[str]:
+    return {
+        state.name
+        for state in environment.supervisor.all()
+        if state.status in ("starting", "running", "restarting")
+    }
+
+
+def assert_consistent(environment: Environment) -> None:
+    """The state names exactly the slots that run, and the router routes by its weights."""
+    slots = environment.slots()
+    assert {slot.name for slot in slots} == active_slots(environment)
+    assert environment.router.weights() == {slot.name: slot.weight for slot in slots}
+
+
+def deploy(
+    environment: Environment, rel: Release, strategy: str, **settings: object
+) -> DeployOutcome:
+    return environment.deploy(rel, StrategyConfig.model_validate({"type": strategy, **settings}))
+
+
+def test_blue_green_and_rollback_drop_no_request(
+    environment: Environment, service_dir: Path
+) -> None:
+    v1 = release(service_dir, "v1")
+    assert deploy(environment, v1, "blue_green").status == "deployed"
+    traffic = TrafficProbe(environment.router.url)
+    traffic.start()
+    try:
+        time.sleep(0.3)
+        to_v2 = deploy(environment, release(service_dir, "v2"), "blue_green")
+        time.sleep(0.3)
+        assert answers(environment) == Counter({"v2": 20})
+        back_to_v1 = environment.rollback(v1)
+        time.sleep(0.3)
+    finally:
+        traffic.finish()
+
+    assert traffic.failures == []
+    assert to_v2.status == "deployed", to_v2
+    assert to_v2.previous_version == "v1"
+    assert back_to_v1.status == "deployed", back_to_v1
+    assert back_to_v1.previous_version == "v2"
+    assert any("reuse prod.v1.0" in event for event in back_to_v1.events)
+    assert set(traffic.answers) == {"v1", "v2"}
+    assert traffic.answers[-1] == "v1"
+    assert answers(environment) == Counter({"v1": 20})
+    assert environment.current_version() == "v1"
+    # The old slot stays, without traffic, for the rollback window.
+    assert environment.router.weights() == {"prod.v1.0": 100, "prod.v2.0": 0}
+    assert_consistent(environment)
+
+
+def test_a_rollback_whose_standby_slot_died_starts_a_new_one(
+    environment: Environment, service_dir: Path
+) -> None:
+    v1 = release(service_dir, "v1")
+    deploy(environment, v1, "blue_green")
+    deploy(environment, release(service_dir, "v2"), "blue_green")
+    environment.supervisor.stop("prod.v1.0")  # the rollback window's slot, gone by hand
+
+    outcome = environment.rollback(v1)
+
+    assert outcome.status == "deployed", outcome
+    assert any("starting a new slot instead" in event for event in outcome.events)
+    assert environment.router.weights() == {"prod.v1.0": 100, "prod.v2.0": 0}
+    assert answers(environment) == Counter({"v1": 20})
+    assert_consistent(environment)
+
+
+def test_blue_green_to_an_unhealthy_version_keeps_the_old_one_serving(
+    environment: Environment, service_dir: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+    traffic = TrafficProbe(environment.router.url)
+    traffic.start()
+    try:
+        outcome = deploy(environment, release(service_dir, "v2", "unhealthy"), "blue_green")
+    finally:
+        traffic.finish()
+
+    assert outcome.status == "rolled_back", outcome
+    assert "health check" in outcome.reason and "HTTP 500" in outcome.reason
+    assert outcome.rollback_s is not None and outcome.events
+    assert traffic.failures == []
+    assert set(traffic.answers) == {"v1"}
+    assert environment.current_version() == "v1"
+    assert [slot.version for slot in environment.slots()] == ["v1"]
+    assert_consistent(environment)
+
+
+def test_blue_green_that_fails_after_the_switch_switches_back(
+    environment: Environment, service_dir: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+
+    outcome = deploy(environment, release(service_dir, "v2", "broken_behind_router"), "blue_green")
+
+    assert outcome.status == "rolled_back", outcome
+    assert outcome.reason.startswith("health check through the router failed")
+    assert outcome.rollback_s is not None and 0 < outcome.rollback_s < outcome.duration_s
+    assert environment.router.weights() == {"prod.v1.0": 100}
+    assert answers(environment) == Counter({"v1": 20})
+    assert environment.current_version() == "v1"
+    assert_consistent(environment)
+
+
+def test_canary_with_a_bad_version_aborts_at_the_first_step(
+    environment: Environment, service_dir: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+    # The canary gets 2 of the 20 analysis requests at 10 % (nginx's weighted round robin
+    # is deterministic) and fails one of them: 95 %, below a 99 % threshold.
+    outcome = deploy(
+        environment,
+        release(service_dir, "v2", "flaky"),
+        "canary",
+        analysis={"min_success_rate": 0.99},
+    )
+
+    assert outcome.status == "rolled_back", outcome
+    assert "failed at 10%" in outcome.reason and "success rate 95.00%" in outcome.reason
+    assert not any("canary at 50%" in event for event in outcome.events)
+    assert environment.router.weights() == {"prod.v1.0": 100}
+    assert answers(environment) == Counter({"v1": 20})
+    assert environment.current_version() == "v1"
+    assert_consistent(environment)
+    # The state keeps the releases (their env too) for recreate: readable by the owner only.
+    assert (environment.state_dir / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_canary_with_a_good_version_is_promoted(
+    environment: Environment, service_dir: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+
+    outcome = deploy(environment, release(service_dir, "v2"), "canary")
+
+    assert outcome.status == "deployed", outcome
+    assert [event for event in outcome.events if "canary at" in event][-1].split()[3] == "100%:"
+    assert environment.router.weights() == {"prod.v2.0": 100}
+    assert active_slots(environment) == {"prod.v2.0"}
+    assert answers(environment) == Counter({"v2": 20})
+    assert_consistent(environment)
+
+
+def test_rolling_replaces_replicas_and_stops_at_the_first_bad_one(
+    environment: Environment, service_dir: Path
+) -> None:
+    first = deploy(environment, release(service_dir, "v1"), "rolling", replicas=3)
+    assert first.status == "deployed", first
+    good = deploy(environment, release(service_dir, "v2"), "rolling", replicas=3)
+
+    assert good.status == "deployed", good
+    assert active_slots(environment) == {"prod.v2.0", "prod.v2.1", "prod.v2.2"}
+    assert answers(environment, 30) == Counter({"v2": 30})
+    assert_consistent(environment)
+
+    bad = deploy(environment, release(service_dir, "v3", "unhealthy"), "rolling", replicas=3)
+
+    assert bad.status == "rolled_back", bad
+    assert bad.reason.startswith("replica 1 of 3: health check")
+    assert sum("start prod.v3" in event for event in bad.events) == 1
+    assert environment.router.weights() == {f"prod.v2.{n}": 100 for n in range(3)}
+    assert answers(environment, 30) == Counter({"v2": 30})
+    assert environment.current_version() == "v2"
+    assert_consistent(environment)
+
+
+def test_rolling_that_fails_midway_restores_the_old_replicas(
+    environment: Environment, service_dir: Path, tmp_path: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "rolling", replicas=2)
+    # v2 serves once: its second replica finds the marker and answers /healthz 500.
+    marker = tmp_path / "started-once"
+    command = f"if [ -e {marker} ]; then export MODE=unhealthy; fi; touch {marker}; {SERVE}"
+    v2 = Release("v2", command, service_dir, release(service_dir, "v2").env)
+
+    outcome = deploy(environment, v2, "rolling", replicas=2)
+
+    assert outcome.status == "rolled_back", outcome
+    assert outcome.reason.startswith("replica 2 of 2")
+    assert environment.router.weights() == {"prod.v1.0": 100, "prod.v1.1": 100}
+    assert answers(environment) == Counter({"v1": 20})
+    assert_consistent(environment)
+
+
+def test_recreate_replaces_and_restores_the_previous_release(
+    environment: Environment, service_dir: Path
+) -> None:
+    assert deploy(environment, release(service_dir, "v1"), "recreate").status == "deployed"
+    good = deploy(environment, release(service_dir, "v2"), "recreate")
+    assert good.status == "deployed", good
+    assert answers(environment) == Counter({"v2": 20})
+
+    bad = deploy(environment, release(service_dir, "v3", "unhealthy"), "recreate")
+
+    assert bad.status == "rolled_back", bad
+    assert bad.rollback_s is not None and bad.rollback_s > 0
+    assert "health check" in bad.reason
+    assert answers(environment) == Counter({"v2": 20})
+    assert environment.current_version() == "v2"
+    assert [slot.version for slot in environment.slots()] == ["v2"]
+    assert_consistent(environment)
+
+
+def test_a_router_that_refuses_the_switch_fails_the_deploy_and_keeps_the_old_version(
+    environment: Environment, service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+
+    def refuse(backends: object) -> None:
+        raise RouterError("nginx rejected the router config: test")
+
+    monkeypatch.setattr(environment.router, "apply", refuse)
+    outcome = deploy(environment, release(service_dir, "v2"), "blue_green")
+
+    assert outcome.status == "failed", outcome
+    assert outcome.reason == "RouterError: nginx rejected the router config: test"
+    assert answers(environment) == Counter({"v1": 20})
+    assert environment.current_version() == "v1"
+    assert_consistent(environment)
+
+
+def test_a_first_deploy_that_never_gets_healthy_fails_and_starts_no_router(
+    environment: Environment, service_dir: Path
+) -> None:
+    outcome = deploy(environment, release(service_dir, "v1", "unhealthy"), "blue_green")
+
+    assert outcome.status == "failed", outcome
+    assert outcome.previous_version is None and outcome.rollback_s is None
+    assert not environment.router.running()
+    assert environment.current_version() is None
+    assert environment.slots() == [] and active_slots(environment) == set()
+
+
+def test_two_deploys_at_once_run_one_after_the_other(
+    environment: Environment, service_dir: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+    outcomes: dict[str, DeployOutcome] = {}
+
+    def deploy_version(version: str) -> None:
+        outcomes[version] = deploy(environment, release(service_dir, version), "blue_green")
+
+    threads = [threading.Thread(target=deploy_version, args=(v,)) for v in ("v2", "v3")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert {outcome.status for outcome in outcomes.values()} == {"deployed"}
+    # Serialised: the second deploy saw the first one's version as the current one.
+    first, second = sorted(outcomes.values(), key=lambda o: o.previous_version != "v1")
+    assert first.previous_version == "v1"
+    assert second.previous_version == first.version
+    assert environment.current_version() == second.version
+    assert answers(environment) == Counter({second.version: 20})
+    assert_consistent(environment)
