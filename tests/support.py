@@ -7,6 +7,9 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 AUTHOR = ["-c", "user.name=Test Author", "-c", "user.email=author@example.com"]
@@ -88,3 +91,43 @@ def pytest_counts(run: subprocess.CompletedProcess[str]) -> dict[str, int]:
     """pytest's own closing line ("3 passed, 1 skipped in 0.1s") as {"passed": 3, ...}."""
     closing = run.stdout.strip().splitlines()[-1]
     return {word: int(count) for count, word in re.findall(r"(\d+) (\w+)", closing)}
+
+
+REQUEST_TIMEOUT_S = 2.0
+# No proxy from the environment: requests must reach services on 127.0.0.1.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, timeout_s: float = REQUEST_TIMEOUT_S) -> str:
+    """The body of a 200 answer, each request on a new connection."""
+    with _DIRECT.open(url, timeout=timeout_s) as response:
+        assert response.status == 200, response.status
+        return str(response.read().decode())
+
+
+class TrafficProbe(threading.Thread):
+    """Sequential GETs against `url` until told to stop, or by itself after `max_requests`
+    or `max_seconds`; records every answer and every failure (non-200 or exception)."""
+
+    def __init__(self, url: str, max_requests: int = 3000, max_seconds: float = 20.0) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self._stop_requested = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        for _ in range(self.max_requests):
+            if self._stop_requested.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                self.answers.append(http_get(self.url))
+            except Exception as error:  # any failure at all is a dropped request
+                self.failures.append(repr(error))
+
+    def finish(self) -> None:
+        self._stop_requested.set()
+        self.join()

@@ -7,7 +7,6 @@ nginx must not pass silently (.ci/install-nginx.sh installs it).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -21,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from cicd_dagster.deploy import router as router_module
-from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError, find_nginx
+from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError
+from tests.support import REQUEST_TIMEOUT_S, TrafficProbe, http_get
 
-REQUEST_TIMEOUT_S = 2.0
 SLOW_ANSWER_S = 1.0
 
 
@@ -74,42 +73,8 @@ class NameServer:
             self._thread.join()
 
 
-class Probe(threading.Thread):
-    """Sequential GETs against `url` until told to stop, or by itself after `max_requests`
-    or `max_seconds`; records every answer and every failure (non-200 or exception)."""
-
-    def __init__(self, url: str, max_requests: int = 3000, max_seconds: float = 20.0) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.max_requests = max_requests
-        self.max_seconds = max_seconds
-        self.answers: list[str] = []
-        self.failures: list[str] = []
-        self._stop_requested = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        for _ in range(self.max_requests):
-            if self._stop_requested.is_set() or time.monotonic() > deadline:
-                return
-            try:
-                self.answers.append(get(self.url))
-            except Exception as error:  # any failure at all is a dropped request
-                self.failures.append(repr(error))
-
-    def finish(self) -> None:
-        self._stop_requested.set()
-        self.join()
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
-        assert response.status == 200, response.status
-        return response.read().decode()
-
-
 def answers(url: str, count: int) -> Counter[str]:
-    return Counter(get(url) for _ in range(count))
+    return Counter(http_get(url) for _ in range(count))
 
 
 def free_port() -> int:
@@ -138,17 +103,6 @@ def children(pid: int) -> list[int]:
             if fields[1] == str(pid):
                 found.append(int(entry.name))
     return found
-
-
-@pytest.fixture(scope="module")
-def nginx() -> str:
-    executable = find_nginx()
-    if executable:
-        return executable
-    reason = "nginx is not installed; run .ci/install-nginx.sh"
-    if os.environ.get("CICD_REQUIRE_NGINX") == "1":
-        pytest.fail(f"CICD_REQUIRE_NGINX=1 but {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -184,7 +138,7 @@ def test_switching_versions_drops_no_request(
     router: NginxRouter, blue: NameServer, green: NameServer
 ) -> None:
     router.apply([blue.backend(100), green.backend(0)])
-    probe = Probe(router.url)
+    probe = TrafficProbe(router.url)
     probe.start()
     try:
         for live, idle in ((green, blue), (blue, green)):
@@ -205,12 +159,12 @@ def test_a_switch_lets_in_flight_requests_finish(
 ) -> None:
     router.apply([blue.backend(100), green.backend(0)])
     in_flight: list[str] = []
-    request = threading.Thread(target=lambda: in_flight.append(get(router.url + "/slow")))
+    request = threading.Thread(target=lambda: in_flight.append(http_get(router.url + "/slow")))
     request.start()
     assert blue.slow_request_arrived.wait(REQUEST_TIMEOUT_S)
 
     router.apply([green.backend(100), blue.backend(0)])
-    assert get(router.url) == "green"
+    assert http_get(router.url) == "green"
     request.join()
 
     assert in_flight == ["blue"]
@@ -302,5 +256,5 @@ def test_stop_leaves_no_nginx_process(router: NginxRouter, blue: NameServer) -> 
     assert not any(alive(pid) for pid in processes)
     assert not router.running()
     with pytest.raises(urllib.error.URLError):
-        get(router.url)
+        http_get(router.url)
     router.stop()  # idempotent

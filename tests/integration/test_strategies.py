@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
@@ -23,8 +22,9 @@ import pytest
 from cicd_dagster.config import StrategyConfig
 from cicd_dagster.deploy.health import ProbeConfig
 from cicd_dagster.deploy.local import LocalSupervisor, free_port
-from cicd_dagster.deploy.router import NginxRouter, RouterError, find_nginx
+from cicd_dagster.deploy.router import NginxRouter, RouterError
 from cicd_dagster.deploy.strategies import DeployOutcome, Environment, Release
+from tests.support import TrafficProbe, http_get
 
 # MODE good: 200 and VERSION on every path. unhealthy: /healthz answers 500.
 # flaky: /healthz is fine, but every odd-numbered other request answers 500 (half of
@@ -58,54 +58,6 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Service).serve_forev
 """
 SERVE = f"exec {shlex.quote(sys.executable)} service.py"
 PROBES = ProbeConfig(timeout_s=1.0, interval_s=0.02, max_attempts=50, success_threshold=2)
-REQUEST_TIMEOUT_S = 2.0
-# No proxy from the environment: the probes must reach the router on 127.0.0.1.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def get(url: str) -> str:
-    with _OPENER.open(url, timeout=REQUEST_TIMEOUT_S) as response:
-        assert response.status == 200, response.status
-        return str(response.read().decode())
-
-
-class TrafficProbe(threading.Thread):
-    """Sequential GETs, each on a new connection, until told to stop, or by itself after
-    `max_requests` or `max_seconds`; records every answer and every failure."""
-
-    def __init__(self, url: str, max_requests: int = 2000, max_seconds: float = 20.0) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.max_requests = max_requests
-        self.max_seconds = max_seconds
-        self.answers: list[str] = []
-        self.failures: list[str] = []
-        self._stop_requested = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        for _ in range(self.max_requests):
-            if self._stop_requested.is_set() or time.monotonic() > deadline:
-                return
-            try:
-                self.answers.append(get(self.url))
-            except Exception as error:  # any failure at all is a dropped request
-                self.failures.append(repr(error))
-
-    def finish(self) -> None:
-        self._stop_requested.set()
-        self.join()
-
-
-@pytest.fixture(scope="module")
-def nginx() -> str:
-    executable = find_nginx()
-    if executable:
-        return executable
-    reason = "nginx is not installed; run .ci/install-nginx.sh"
-    if os.environ.get("CICD_REQUIRE_NGINX") == "1":
-        pytest.fail(f"CICD_REQUIRE_NGINX=1 but {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -139,7 +91,7 @@ def release(service_dir: Path, version: str, mode: str = "good") -> Release:
 
 
 def answers(environment: Environment, count: int = 20) -> Counter[str]:
-    return Counter(get(environment.router.url) for _ in range(count))
+    return Counter(http_get(environment.router.url) for _ in range(count))
 
 
 def active_slots(environment: Environment) -> set[str]:
