@@ -51,18 +51,23 @@ def fail_stage(
 ) -> Failure:
     """Record a failed stage in the history DB and build the Failure that shows why."""
     message = ctx.masker.mask(str(error))
-    cicd.history().record_stage(
-        ctx.repository.name,
-        ctx.sha,
-        StageRecord(
-            name=stage,
-            status="failed",
-            started_at=started_at,
-            duration_s=(datetime.now(UTC) - started_at).total_seconds(),
-            detail=message[-4000:],
-            run_id=context.run_id,
-        ),
+    history = cicd.history()
+    record = StageRecord(
+        name=stage,
+        status="failed",
+        started_at=started_at,
+        duration_s=(datetime.now(UTC) - started_at).total_seconds(),
+        detail=message[-4000:],
+        run_id=context.run_id,
     )
+    try:
+        history.record_stage(ctx.repository.name, ctx.sha, record)
+    except LookupError:
+        # A stage materialized before this commit's source ever was: no build row yet.
+        history.record_build(
+            ctx.repository.name, ctx.sha, ref=ctx.ref, branch=ctx.branch, run_id=context.run_id
+        )
+        history.record_stage(ctx.repository.name, ctx.sha, record)
     return Failure(
         description=message,
         metadata={"status": "failed", "error": MetadataValue.md(f"```\n{message}\n```")},

@@ -40,9 +40,6 @@ def source_asset(
         try:
             outcome = prepare_source(ctx)
         except (StageError, ConfigError, GitError) as error:
-            history.record_build(
-                repository.name, ctx.sha, ref=ctx.ref, branch=ctx.branch, run_id=context.run_id
-            )
             raise fail_stage(context, cicd, ctx, "source", started_at, error) from error
         commit = outcome.commit
         detected = context.run.tags.get(DETECTED_AT_TAG)

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from dagster import AssetKey
 
 from cicd_dagster.config import load_control_config
+from cicd_dagster.definitions import build_definitions
 from cicd_dagster.store import HistoryStore
-from jobs.inprocess import run_commit
+from jobs.inprocess import run_commit, use_instance
 from tests.support import (
     commit,
     control_config,
@@ -353,3 +355,22 @@ def test_retry_of_a_failed_test_stage_sees_the_build_outputs(tmp_path, repo):
     retry = ci(config, "app", sha)
     assert retry["stages"]["build"].get("reused") is True
     assert retry["stages"]["unit"]["status"] == "success"
+
+
+def test_stage_materialized_before_its_source_says_what_to_do(tmp_path, repo):
+    sha = commit(repo, {".cicd.yml": pipeline_writing_reports()})
+    config = load_control_config(control_config(tmp_path, {"app": repo}))
+    instance = use_instance(config)
+    instance.add_dynamic_partitions("app_commits", [sha])
+    job = build_definitions(config, stream_logs=False).resolve_job_def("app_ci")
+    result = job.execute_in_process(
+        instance=instance,
+        partition_key=sha,
+        asset_selection=[AssetKey(["app", "build"])],
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    assert "materialize source" in failure.step_failure_data.user_failure_data.description
+    stages = HistoryStore(config.history_db_url).stage_rows("app", sha)
+    assert stages.set_index("name").loc["build", "status"] == "failed"
