@@ -299,6 +299,20 @@ def history_tests(
     _emit(frame, output)
 
 
+@history_app.command("deployments")
+def history_deployments(
+    repo: RepoOption = None,
+    env: Annotated[str | None, typer.Option("--env", help="only this environment")] = None,
+    since: SinceOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per deployment attempt: environment, version, strategy, outcome, durations."""
+    history = HistoryStore(_config(config).history_db_url)
+    frame = history.deployments(repository=repo, environment=env, since=_since(since))
+    _emit(frame, output)
+
+
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="webserver port")] = 3000,

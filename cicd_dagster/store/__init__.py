@@ -3,9 +3,17 @@
 from cicd_dagster.store.history import (
     ArtifactRecord,
     CommitRecord,
+    DeploymentRecord,
     GateRecord,
     HistoryStore,
     StageRecord,
 )
 
-__all__ = ["ArtifactRecord", "CommitRecord", "GateRecord", "HistoryStore", "StageRecord"]
+__all__ = [
+    "ArtifactRecord",
+    "CommitRecord",
+    "DeploymentRecord",
+    "GateRecord",
+    "HistoryStore",
+    "StageRecord",
+]

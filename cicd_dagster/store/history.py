@@ -3,6 +3,9 @@
 Assets write to it as stages finish; the CLI and reports read it. There is one build per
 repository and commit, and every write is an upsert or a replacement of that build's rows, so
 re-materializing a partition never duplicates anything.
+
+Deployments and incidents are events instead: every deployment attempt is a row of its own,
+and an environment has at most one open incident at a time.
 """
 
 import dataclasses
@@ -21,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cicd_dagster.store.models import (
+    DEPLOYMENT_STATUSES,
     STAGE_NAMES,
     STAGE_STATUSES,
     TEST_STAGES,
@@ -29,7 +33,9 @@ from cicd_dagster.store.models import (
     Benchmark,
     Build,
     Commit,
+    Deployment,
     GateResult,
+    Incident,
     Repository,
     Stage,
     TestCase,
@@ -91,6 +97,23 @@ class ArtifactRecord:
     path: str
     sha256: str
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    environment: str
+    commit_sha: str
+    strategy: str
+    status: str
+    version: str
+    previous_version: str | None
+    reason: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    rollback_s: float | None = None
+    run_id: str | None = None
+    triggered_by: str | None = None
 
 
 class HistoryStore:
@@ -254,6 +277,76 @@ class HistoryStore:
             )
             _touch_build(session, build_id)
 
+    def record_deployment(self, repository: str, deployment: DeploymentRecord) -> int:
+        """Add the deployment attempt and return its id; creates the repository if needed."""
+        if deployment.status not in DEPLOYMENT_STATUSES:
+            raise ValueError(
+                f"unknown deployment status {deployment.status!r}; "
+                f"expected one of {DEPLOYMENT_STATUSES}"
+            )
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            row = Deployment(repository_id=repository_id, **dataclasses.asdict(deployment))
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def open_incident(
+        self,
+        repository: str,
+        environment: str,
+        commit_sha: str | None,
+        reason: str,
+        *,
+        at: datetime,
+    ) -> int:
+        """Open an incident of the environment at `at` and return its id.
+
+        Idempotent: while one is open, its id is returned and nothing else is written.
+        """
+        with self._writing() as session:
+            repository_id = _lock_repository(session, repository)
+            open_id = session.scalar(
+                sa.select(Incident.id)
+                .where(*_open_incident(repository_id, environment))
+                .order_by(Incident.opened_at.desc(), Incident.id.desc())
+                .limit(1)
+            )
+            if open_id is not None:
+                return open_id
+            row = Incident(
+                repository_id=repository_id,
+                environment=environment,
+                commit_sha=commit_sha,
+                opened_at=at,
+                reason=reason,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def close_incident(self, repository: str, environment: str, *, at: datetime) -> bool:
+        """Close the environment's open incident at `at`; False if none was open."""
+        if at.tzinfo is None:
+            raise ValueError(f"naive datetime {at.isoformat()}: pass a timezone-aware one")
+        with self._writing() as session:
+            repository_id = session.scalar(
+                sa.select(Repository.id).where(Repository.name == repository).with_for_update()
+            )
+            if repository_id is None:
+                return False
+            incidents = session.scalars(
+                sa.select(Incident).where(*_open_incident(repository_id, environment))
+            ).all()
+            for incident in incidents:
+                if at < incident.opened_at:
+                    raise ValueError(
+                        f"closing at {at.isoformat()}, before the incident opened at "
+                        f"{incident.opened_at.isoformat()}"
+                    )
+                incident.closed_at = at
+            return bool(incidents)
+
     # -- queries -----------------------------------------------------------------------------
 
     def stage_rows(self, repository: str, commit_sha: str) -> pd.DataFrame:
@@ -405,6 +498,53 @@ class HistoryStore:
             sa.select(*columns).where(Benchmark.stage_id == stage_id).order_by(Benchmark.id)
         )
 
+    def deployments(
+        self,
+        repository: str | None = None,
+        environment: str | None = None,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """One row per deployment attempt, newest first; `since` keeps those started at or
+        after it."""
+        statement = _deployments_query(repository, environment)
+        if since is not None:
+            statement = statement.where(Deployment.started_at >= since)
+        return self._read(statement)
+
+    def last_verified_deployment(self, repository: str, environment: str) -> pd.Series | None:
+        """The newest "deployed" deployment of the environment (a row of deployments()), or
+        None if none was ever verified."""
+        statement = _deployments_query(repository, environment)
+        frame = self._read(statement.where(Deployment.status == "deployed").limit(1))
+        return None if frame.empty else frame.iloc[0]
+
+    def incidents(
+        self, repository: str | None = None, environment: str | None = None
+    ) -> pd.DataFrame:
+        """One row per incident, newest first; duration_s is NaN while it is open."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Incident.environment,
+                Incident.commit_sha.label("commit"),
+                Incident.opened_at,
+                Incident.closed_at,
+                Incident.reason,
+            )
+            .select_from(Incident)
+            .join(Repository)
+            .order_by(Incident.opened_at.desc(), Incident.id.desc())
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if environment is not None:
+            statement = statement.where(Incident.environment == environment)
+        frame = self._read(statement)
+        duration = (frame["closed_at"] - frame["opened_at"]).dt.total_seconds()
+        frame["duration_s"] = duration.astype(float)
+        columns = ["repository", "environment", "commit", "opened_at", "closed_at", "duration_s"]
+        return frame[[*columns, "reason"]]
+
     # -- helpers -----------------------------------------------------------------------------
 
     @contextmanager
@@ -501,6 +641,58 @@ def _upsert(
         setattr(row, name, value)
     session.flush()
     return row
+
+
+def _lock_repository(session: Session, repository: str) -> int:
+    """The repository's id, created if missing, its row locked until the transaction ends.
+
+    SQLite's write lock already serialises writers; on PostgreSQL the row lock makes
+    concurrent incident writes of one repository take turns.
+    """
+    repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+    session.execute(
+        sa.select(Repository.id).where(Repository.id == repository_id).with_for_update()
+    )
+    return repository_id
+
+
+def _open_incident(repository_id: int, environment: str) -> tuple[sa.ColumnElement[bool], ...]:
+    return (
+        Incident.repository_id == repository_id,
+        Incident.environment == environment,
+        Incident.closed_at.is_(None),
+    )
+
+
+def _deployments_query(
+    repository: str | None, environment: str | None
+) -> sa.Select[*tuple[Any, ...]]:
+    statement = (
+        sa.select(
+            Repository.name.label("repository"),
+            Deployment.environment,
+            Deployment.commit_sha.label("commit"),
+            Deployment.version,
+            Deployment.previous_version,
+            Deployment.strategy,
+            Deployment.status,
+            Deployment.reason,
+            Deployment.started_at,
+            Deployment.finished_at,
+            Deployment.duration_s,
+            Deployment.rollback_s,
+            Deployment.run_id,
+            Deployment.triggered_by,
+        )
+        .select_from(Deployment)
+        .join(Repository)
+        .order_by(Deployment.started_at.desc(), Deployment.id.desc())
+    )
+    if repository is not None:
+        statement = statement.where(Repository.name == repository)
+    if environment is not None:
+        statement = statement.where(Deployment.environment == environment)
+    return statement
 
 
 def _build_id(session: Session, repository: str, commit_sha: str) -> int:

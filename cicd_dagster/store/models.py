@@ -15,6 +15,9 @@ STAGE_NAMES = ("source", "build", "unit", "integration", "e2e", "performance")
 STAGE_STATUSES = ("success", "failed", "not_configured", "skipped")
 # Stages that run tests; their counts add up to a build's test counts.
 TEST_STAGES = ("unit", "integration", "e2e", "performance")
+# deployed: verified and live; rolled_back: failed verification, the previous version restored;
+# failed: failed without a rollback; refused: not attempted (e.g. a red or unpromoted commit).
+DEPLOYMENT_STATUSES = ("deployed", "rolled_back", "failed", "refused")
 
 # Named constraints let later migrations drop or alter them, also in SQLite batch mode.
 NAMING_CONVENTION = {
@@ -182,3 +185,41 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(sa.Text)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class Deployment(Base):
+    """One deployment attempt; a re-deploy of the same commit is another row."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (sa.Index(None, "repository_id", "environment", "started_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    commit_sha: Mapped[str] = mapped_column(sa.String(40))
+    environment: Mapped[str] = mapped_column(sa.String(64))
+    strategy: Mapped[str] = mapped_column(sa.String(32))
+    status: Mapped[str] = mapped_column(sa.String(32))
+    version: Mapped[str] = mapped_column(sa.String(255))
+    previous_version: Mapped[str | None] = mapped_column(sa.String(255))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    duration_s: Mapped[float | None]
+    rollback_s: Mapped[float | None]
+    run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    triggered_by: Mapped[str | None] = mapped_column(sa.String(255))
+
+
+class Incident(Base):
+    """An environment found unhealthy, from opened_at until it recovered (closed_at)."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (sa.Index(None, "repository_id", "environment", "closed_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    environment: Mapped[str] = mapped_column(sa.String(64))
+    commit_sha: Mapped[str | None] = mapped_column(sa.String(40))
+    opened_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    reason: Mapped[str] = mapped_column(sa.Text)

@@ -1,11 +1,15 @@
-"""`cicd validate`: cicd.yaml and the .cicd.yml at every watched head, exit 2 naming file:line."""
+"""`cicd validate` and `cicd history deployments`, as a user runs them."""
 
+import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cicd_dagster.config import load_control_config
+from cicd_dagster.store import DeploymentRecord, HistoryStore
 from tests.support import commit, control_config, git, pipeline_writing_reports
 
 pytestmark = pytest.mark.slow  # each test starts the cicd CLI
@@ -63,3 +67,37 @@ def test_unreachable_repository_is_reported_and_others_checked(tmp_path):
     assert done.returncode == 2
     assert "gone:" in done.stderr
     assert "good@main:.cicd.yml" in done.stderr
+
+
+def test_history_deployments_lists_attempts_newest_first(tmp_path):
+    config = control_config(tmp_path, {"app": tmp_path / "app"})
+    history = HistoryStore(load_control_config(config).history_db_url)
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    for offset, status in enumerate(("deployed", "rolled_back")):
+        history.record_deployment(
+            "app",
+            DeploymentRecord(
+                environment="staging",
+                commit_sha=f"{offset}" * 40,
+                strategy="blue_green",
+                status=status,
+                version=f"v{offset}",
+                previous_version=None,
+                reason="health check failed" if status == "rolled_back" else "verified",
+                started_at=started + timedelta(minutes=offset),
+                duration_s=2.5,
+            ),
+        )
+    env = {**os.environ, "CICD_CONFIG": str(config)}
+    done = subprocess.run(
+        [*CICD, "history", "deployments", "--env", "staging", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["version"], r["status"]) for r in rows] == [
+        ("v1", "rolled_back"),
+        ("v0", "deployed"),
+    ]

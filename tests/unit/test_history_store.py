@@ -11,7 +11,9 @@ from typing import Any
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session
 from cicd_dagster.store import (
     ArtifactRecord,
     CommitRecord,
+    DeploymentRecord,
     GateRecord,
     HistoryStore,
     StageRecord,
@@ -127,6 +130,50 @@ def record_performance(
     history.record_gates(REPO, sha, "performance", [gate])
 
 
+def deployment_record(
+    environment: str = "dev",
+    sha: str = commit_sha(1),
+    status: str = "deployed",
+    *,
+    started_at: datetime = AUTHORED_AT,
+    **fields: Any,
+) -> DeploymentRecord:
+    return DeploymentRecord(
+        **{
+            "environment": environment,
+            "commit_sha": sha,
+            "strategy": "blue-green",
+            "status": status,
+            "version": sha[-7:],
+            "previous_version": None,
+            "reason": "",
+            "started_at": started_at,
+        }
+        | fields
+    )
+
+
+def run_alembic(url: str, action: str, revision: str) -> None:
+    """Run `alembic upgrade/downgrade` to `revision`, as HistoryStore.migrate() configures it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = connection
+            getattr(command, action)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
 def select_all(url: str, statement: sa.Executable) -> list[Any]:
     """Rows the public API does not return, read in a session of the test's own."""
     engine = sa.create_engine(url)
@@ -165,6 +212,70 @@ def test_migrated_schema_matches_the_models(database_url: str, store: HistorySto
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_opening_a_0001_database_upgrades_it_and_keeps_its_data(database_url: str) -> None:
+    run_alembic(database_url, "upgrade", "0001")
+    assert "deployments" not in table_names(database_url)
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("INSERT INTO repositories (id, name, url) VALUES (1, :name, :url)"),
+                {"name": REPO, "url": REPO_URL},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO builds (repository_id, commit_sha, ref, branch, run_id,"
+                    " created_at, updated_at) VALUES (1, :sha, 'refs/heads/main', 'main',"
+                    " 'run-1', :at, :at)"
+                ),
+                {"sha": commit_sha(1), "at": AUTHORED_AT},
+            )
+    finally:
+        engine.dispose()
+
+    history = HistoryStore(database_url)
+    try:
+        [build] = history.builds().to_dict("records")
+        assert (build["repository"], build["commit"], build["run_id"]) == (
+            REPO,
+            commit_sha(1),
+            "run-1",
+        )
+        assert build["created_at"] == AUTHORED_AT
+        # The new tables work next to the old rows, on the repository recorded before.
+        history.record_deployment(REPO, deployment_record())
+        history.open_incident(REPO, "dev", commit_sha(1), "probe failed", at=AUTHORED_AT)
+        assert list(history.deployments()["repository"]) == [REPO]
+        assert list(history.incidents()["repository"]) == [REPO]
+        [repository] = select_all(database_url, sa.text("SELECT url FROM repositories"))
+        assert repository == REPO_URL
+    finally:
+        history.dispose()
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert select_all(database_url, sa.text("SELECT version_num FROM alembic_version")) == [head]
+
+
+def test_downgrading_to_0001_drops_deployments_and_incidents(database_url: str) -> None:
+    history = HistoryStore(database_url)
+    try:
+        record_build(history, commit_sha(1), stages={"source": "success"})
+        history.record_deployment(REPO, deployment_record())
+    finally:
+        history.dispose()
+
+    run_alembic(database_url, "downgrade", "0001")
+    tables = table_names(database_url)
+    assert {"deployments", "incidents"}.isdisjoint(tables)
+    assert {"repositories", "builds"} <= tables
+
+    history = HistoryStore(database_url)
+    try:
+        assert list(history.builds()["commit"]) == [commit_sha(1)]
+        assert history.deployments().empty
+    finally:
+        history.dispose()
 
 
 # -- idempotent writes -----------------------------------------------------------------------
@@ -315,7 +426,7 @@ def test_5000_test_cases_are_inserted_in_one_batch(store: HistoryStore) -> None:
     cases = cases_frame([f"test_{n}" for n in range(5000)])
     inserts: list[bool] = []
 
-    def count_inserts(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+    def count_inserts(conn, cursor, statement, parameters, context, executemany):
         if statement.lstrip().upper().startswith("INSERT INTO TEST_CASES"):
             inserts.append(executemany)
 
@@ -565,3 +676,255 @@ def test_two_processes_can_migrate_and_write_at_once(database_url: str) -> None:
         assert list(history.stage_rows(REPO, SHARED_SHA)["name"]) == ["source"]
     finally:
         history.dispose()
+
+
+# -- deployments and incidents ---------------------------------------------------------------
+
+DEPLOYMENT_COLUMNS = [
+    "repository",
+    "environment",
+    "commit",
+    "version",
+    "previous_version",
+    "strategy",
+    "status",
+    "reason",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "rollback_s",
+    "run_id",
+    "triggered_by",
+]
+
+
+def test_a_deployment_round_trips_with_all_its_fields(store: HistoryStore) -> None:
+    started_at = datetime(2025, 3, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    deployment = deployment_record(
+        "prod",
+        commit_sha(2),
+        "rolled_back",
+        started_at=started_at,
+        version="1.4.0",
+        previous_version="1.3.9",
+        reason="health probe failed: 3/3 timeouts",
+        finished_at=started_at + timedelta(seconds=42.5),
+        duration_s=42.5,
+        rollback_s=3.25,
+        run_id="run-abc",
+        triggered_by="sensor:auto_deploy",
+    )
+    deployment_id = store.record_deployment(REPO, deployment)
+
+    frame = store.deployments()
+    assert list(frame.columns) == DEPLOYMENT_COLUMNS
+    [row] = frame.to_dict("records")
+    assert row == {
+        "repository": REPO,
+        "environment": "prod",
+        "commit": commit_sha(2),
+        "version": "1.4.0",
+        "previous_version": "1.3.9",
+        "strategy": "blue-green",
+        "status": "rolled_back",
+        "reason": "health probe failed: 3/3 timeouts",
+        "started_at": started_at,
+        "finished_at": started_at + timedelta(seconds=42.5),
+        "duration_s": 42.5,
+        "rollback_s": 3.25,
+        "run_id": "run-abc",
+        "triggered_by": "sensor:auto_deploy",
+    }
+    assert row["started_at"].utcoffset() == timedelta(0)
+    assert isinstance(deployment_id, int)
+
+
+def test_a_deployment_without_optional_fields_has_nulls(store: HistoryStore) -> None:
+    store.record_deployment(REPO, deployment_record(status="refused", reason="red commit"))
+
+    [row] = store.deployments().to_dict("records")
+    assert row["previous_version"] is None and row["run_id"] is None
+    assert pd.isna(row["finished_at"])
+    assert pd.isna(row["duration_s"]) and pd.isna(row["rollback_s"])
+    assert store.deployments()["duration_s"].dtype == "float64"
+
+
+def test_every_deployment_attempt_is_a_row_of_its_own(store: HistoryStore) -> None:
+    first = store.record_deployment(REPO, deployment_record())
+    second = store.record_deployment(
+        REPO, deployment_record(started_at=AUTHORED_AT + timedelta(minutes=5))
+    )
+
+    assert second != first
+    assert len(store.deployments()) == 2
+
+
+def test_recording_a_deployment_creates_an_unknown_repository_without_url(
+    database_url: str, store: HistoryStore
+) -> None:
+    store.record_deployment("fresh", deployment_record())
+
+    assert select_all(database_url, sa.text("SELECT url FROM repositories")) == [None]
+    assert list(store.deployments(repository="fresh")["repository"]) == ["fresh"]
+
+
+def test_deployments_are_newest_first_and_filter_by_repository_environment_and_since(
+    store: HistoryStore,
+) -> None:
+    def at(minutes: int) -> datetime:
+        return AUTHORED_AT + timedelta(minutes=minutes)
+
+    store.record_deployment(REPO, deployment_record("dev", commit_sha(1), started_at=at(0)))
+    store.record_deployment(REPO, deployment_record("staging", commit_sha(1), started_at=at(10)))
+    store.record_deployment("other", deployment_record("dev", commit_sha(9), started_at=at(15)))
+    store.record_deployment(REPO, deployment_record("dev", commit_sha(2), started_at=at(20)))
+    # Recorded last but started earlier: the order is by start time.
+    store.record_deployment(REPO, deployment_record("dev", commit_sha(3), started_at=at(5)))
+
+    def keys(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+        return list(zip(frame["repository"], frame["environment"], frame["commit"], strict=True))
+
+    assert keys(store.deployments()) == [
+        (REPO, "dev", commit_sha(2)),
+        ("other", "dev", commit_sha(9)),
+        (REPO, "staging", commit_sha(1)),
+        (REPO, "dev", commit_sha(3)),
+        (REPO, "dev", commit_sha(1)),
+    ]
+    assert list(store.deployments(REPO, "dev")["commit"]) == [
+        commit_sha(2),
+        commit_sha(3),
+        commit_sha(1),
+    ]
+    assert list(store.deployments(environment="staging")["commit"]) == [commit_sha(1)]
+    since = at(10).astimezone(timezone(timedelta(hours=-5)))
+    assert keys(store.deployments(since=since)) == [
+        (REPO, "dev", commit_sha(2)),
+        ("other", "dev", commit_sha(9)),
+        (REPO, "staging", commit_sha(1)),
+    ]
+    assert list(store.deployments(repository=REPO, since=since)["commit"]) == [
+        commit_sha(2),
+        commit_sha(1),
+    ]
+    empty = store.deployments(repository="nobody")
+    assert empty.empty and list(empty.columns) == DEPLOYMENT_COLUMNS
+
+
+def test_last_verified_deployment_skips_rolled_back_failed_and_refused_ones(
+    store: HistoryStore,
+) -> None:
+    def at(minutes: int) -> datetime:
+        return AUTHORED_AT + timedelta(minutes=minutes)
+
+    store.record_deployment(REPO, deployment_record("prod", commit_sha(1), started_at=at(0)))
+    store.record_deployment(REPO, deployment_record("prod", commit_sha(2), started_at=at(10)))
+    for minutes, status in ((20, "rolled_back"), (30, "failed"), (40, "refused")):
+        store.record_deployment(
+            REPO, deployment_record("prod", commit_sha(minutes), status, started_at=at(minutes))
+        )
+    store.record_deployment(REPO, deployment_record("dev", commit_sha(50), started_at=at(50)))
+    store.record_deployment("other", deployment_record("prod", commit_sha(60), started_at=at(60)))
+
+    verified = store.last_verified_deployment(REPO, "prod")
+    assert verified is not None
+    assert (verified["commit"], verified["status"], verified["started_at"]) == (
+        commit_sha(2),
+        "deployed",
+        at(10),
+    )
+    assert list(verified.index) == DEPLOYMENT_COLUMNS
+
+
+def test_last_verified_deployment_is_none_without_a_verified_one(store: HistoryStore) -> None:
+    store.record_deployment(REPO, deployment_record("prod", status="rolled_back"))
+
+    assert store.last_verified_deployment(REPO, "prod") is None
+    assert store.last_verified_deployment(REPO, "staging") is None
+    assert store.last_verified_deployment("other", "prod") is None
+
+
+def test_unknown_deployment_statuses_are_refused(store: HistoryStore) -> None:
+    with pytest.raises(ValueError, match=r"unknown deployment status 'ok'.*'rolled_back'"):
+        store.record_deployment(REPO, deployment_record(status="ok"))
+    assert store.deployments().empty
+
+
+def test_opening_an_incident_twice_keeps_one_open_incident(store: HistoryStore) -> None:
+    first = store.open_incident(REPO, "prod", commit_sha(1), "probe failed", at=AUTHORED_AT)
+    again = store.open_incident(
+        REPO, "prod", commit_sha(2), "still failing", at=AUTHORED_AT + timedelta(minutes=1)
+    )
+    other_environment = store.open_incident(REPO, "dev", None, "probe failed", at=AUTHORED_AT)
+
+    assert again == first
+    assert other_environment != first
+    [incident] = store.incidents(REPO, "prod").to_dict("records")
+    assert (incident["commit"], incident["opened_at"], incident["reason"]) == (
+        commit_sha(1),
+        AUTHORED_AT,
+        "probe failed",
+    )
+    assert pd.isna(incident["closed_at"]) and pd.isna(incident["duration_s"])
+
+
+def test_closing_then_opening_again_gives_a_second_incident(store: HistoryStore) -> None:
+    first = store.open_incident(REPO, "prod", commit_sha(1), "probe failed", at=AUTHORED_AT)
+    assert store.close_incident(REPO, "prod", at=AUTHORED_AT + timedelta(seconds=90))
+    assert not store.close_incident(REPO, "prod", at=AUTHORED_AT + timedelta(seconds=95))
+    second = store.open_incident(
+        REPO, "prod", commit_sha(2), "HTTP 500", at=AUTHORED_AT + timedelta(minutes=10)
+    )
+
+    assert second != first
+    incidents = store.incidents()
+    assert list(incidents.columns) == [
+        "repository",
+        "environment",
+        "commit",
+        "opened_at",
+        "closed_at",
+        "duration_s",
+        "reason",
+    ]
+    assert list(incidents["reason"]) == ["HTTP 500", "probe failed"]
+    assert pd.isna(incidents["duration_s"].iloc[0])
+    assert incidents["duration_s"].iloc[1] == 90.0
+    assert incidents["closed_at"].iloc[1] == AUTHORED_AT + timedelta(seconds=90)
+
+
+def test_closing_without_an_open_incident_returns_false(
+    database_url: str, store: HistoryStore
+) -> None:
+    assert not store.close_incident("nobody", "prod", at=AUTHORED_AT)
+    store.open_incident(REPO, "dev", None, "probe failed", at=AUTHORED_AT)
+    assert not store.close_incident(REPO, "prod", at=AUTHORED_AT)
+
+    assert select_all(database_url, sa.text("SELECT name FROM repositories")) == [REPO]
+    assert store.incidents()["closed_at"].isna().all()
+
+
+def test_closing_an_incident_before_it_opened_is_refused(store: HistoryStore) -> None:
+    store.open_incident(REPO, "prod", None, "probe failed", at=AUTHORED_AT)
+    with pytest.raises(ValueError, match="before the incident opened"):
+        store.close_incident(REPO, "prod", at=AUTHORED_AT - timedelta(seconds=1))
+    with pytest.raises(ValueError, match="naive datetime"):
+        store.close_incident(REPO, "prod", at=datetime(2025, 3, 1, 10))
+    assert store.incidents()["closed_at"].isna().all()
+
+
+def test_incidents_filter_by_repository_and_environment_newest_first(
+    store: HistoryStore,
+) -> None:
+    store.open_incident(REPO, "prod", None, "a", at=AUTHORED_AT)
+    store.close_incident(REPO, "prod", at=AUTHORED_AT + timedelta(minutes=1))
+    store.open_incident(REPO, "dev", None, "b", at=AUTHORED_AT + timedelta(minutes=2))
+    store.open_incident("other", "prod", None, "c", at=AUTHORED_AT + timedelta(minutes=3))
+    store.open_incident(REPO, "prod", None, "d", at=AUTHORED_AT + timedelta(minutes=4))
+
+    assert list(store.incidents()["reason"]) == ["d", "c", "b", "a"]
+    assert list(store.incidents(REPO)["reason"]) == ["d", "b", "a"]
+    assert list(store.incidents(environment="prod")["reason"]) == ["d", "c", "a"]
+    assert list(store.incidents(REPO, "prod")["duration_s"].fillna(-1)) == [-1, 60.0]
+    empty = store.incidents(repository="nobody")
+    assert empty.empty and "duration_s" in empty.columns
