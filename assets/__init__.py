@@ -1,8 +1,9 @@
-"""The CI assets of one repository, grouped and key-prefixed by its name."""
+"""The CI and deployment assets of one repository, key-prefixed by its name."""
 
 from dagster import AssetsDefinition, DynamicPartitionsDefinition
 
 from assets.build import build_asset
+from assets.deploy import deployment_assets
 from assets.source import source_asset
 from assets.tests import report_assets
 from cicd_dagster.config import RepositoryConfig
@@ -16,3 +17,6 @@ def ci_assets(
         build_asset(repository, partitions),
         *report_assets(repository, partitions),
     ]
+
+
+__all__ = ["ci_assets", "deployment_assets"]

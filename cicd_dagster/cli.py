@@ -1,6 +1,7 @@
-"""The `cicd` command: validate, run, history, ui, demo.
+"""The `cicd` command: validate, run, deploy, down, history, ui, demo.
 
-Exit codes: 0 green, 1 red (a failed stage or gate), 2 usage or configuration error.
+Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
+or configuration error.
 Machine-readable output goes to stdout; progress and messages go to stderr.
 """
 
@@ -25,6 +26,7 @@ from rich.table import Table
 from cicd_dagster.config import (
     ConfigError,
     ControlConfig,
+    EnvironmentConfig,
     RepositoryConfig,
     load_control_config,
     parse_pipeline_config,
@@ -311,6 +313,84 @@ def history_deployments(
     history = HistoryStore(_config(config).history_db_url)
     frame = history.deployments(repository=repo, environment=env, since=_since(since))
     _emit(frame, output)
+
+
+def _environment(config: ControlConfig, name: str) -> tuple[int, EnvironmentConfig]:
+    names = [e.name for e in config.environments]
+    if name not in names:
+        raise UsageError(
+            f"unknown environment {name!r}; cicd.yaml has: {', '.join(names) or 'none'}"
+        )
+    return names.index(name), config.environments[names.index(name)]
+
+
+@app.command()
+def deploy(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    env: Annotated[str, typer.Option("--env", help="environment from cicd.yaml")],
+    commit: Annotated[
+        str | None,
+        typer.Option(
+            help="sha or ref (default: the previous environment's verified commit, or the "
+            "default branch head for the first environment)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster logs")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Materialize deployment_<env> of one commit in-process; exit 0 deployed, 1 otherwise."""
+    from jobs.inprocess import deploy_commit_in_process
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    index, environment = _environment(control, env)
+    if commit is None and index > 0:
+        previous = control.environments[index - 1].name
+        verified = HistoryStore(control.history_db_url).last_verified_deployment(
+            repo.name, previous
+        )
+        if verified is None:
+            raise UsageError(f"{repo.name}: nothing is verified in {previous} yet; pass --commit")
+        sha = str(verified["commit"])
+    else:
+        mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
+        mirror.fetch()
+        target = (
+            commit or repo.default_branch or ls_remote(str(mirror.path)).default_branch or "main"
+        )
+        try:
+            sha = mirror.resolve(target)
+        except GitError as error:
+            raise UsageError(f"{repo.name}: cannot resolve {target!r}: {error}") from error
+    err.print(f"[bold]{repo.name}[/] {sha[:12]} -> {environment.name}")
+    report = deploy_commit_in_process(
+        control, repo.name, environment.name, sha, stream_logs=verbose
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        colour = "green" if report["status"] == "deployed" else "red"
+        err.print(f"[{colour}]{report['status']}[/] {environment.name} at {report['url']}")
+        if report.get("reason"):
+            err.print(str(report["reason"]), markup=False, highlight=False)
+    raise typer.Exit(0 if report["status"] == "deployed" else 1)
+
+
+@app.command()
+def down(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    env: Annotated[str, typer.Option("--env", help="environment from cicd.yaml")],
+    config: ConfigOption = None,
+) -> None:
+    """Stop every service slot and the router of one environment."""
+    from cicd_dagster.stages.deploy import environment_for
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    _, environment = _environment(control, env)
+    environment_for(control, repo.name, environment.name).down()
+    err.print(f"stopped {repo.name} {environment.name}")
 
 
 @app.command()

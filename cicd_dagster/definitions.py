@@ -1,4 +1,5 @@
-"""Assembles the Definitions: one partition set, asset group, CI job and sensor per repository.
+"""Assembles the Definitions: one partition set, asset group, CI job and sensor per repository,
+plus a deployment asset and deploy job per environment.
 
 The configuration comes from cicd.yaml (CICD_CONFIG, default ./cicd.yaml); this module
 only wires what assets/, jobs/ and sensors/ build.
@@ -9,11 +10,11 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from assets import ci_assets
+from assets import ci_assets, deployment_assets
 from assets.partitions import commit_partitions
 from cicd_dagster.config import ControlConfig, load_control_config
 from cicd_dagster.resources import CicdResource
-from jobs import ci_job
+from jobs import ci_job, deploy_job
 from sensors.repository import repository_sensor
 
 
@@ -28,6 +29,8 @@ def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Def
         job = ci_job(repository, partitions)
         assets.extend(ci_assets(repository, partitions))
         jobs.append(job)
+        assets.extend(deployment_assets(repository, partitions, config.environments))
+        jobs.extend(deploy_job(repository, env, partitions) for env in config.environments)
         sensors.append(repository_sensor(repository, job, partitions))
     return Definitions(
         assets=assets,

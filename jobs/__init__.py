@@ -1,6 +1,7 @@
 """Asset jobs: what a new commit (or `cicd run`) materializes."""
 
 from dagster import (
+    AssetKey,
     AssetSelection,
     DynamicPartitionsDefinition,
     define_asset_job,
@@ -8,7 +9,7 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from cicd_dagster.config import RepositoryConfig
+from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
 
 
 def ci_job_name(repository: RepositoryConfig) -> str:
@@ -27,5 +28,27 @@ def ci_job(
         tags={"cicd/repository": repository.name},
         # One process per run: a step process costs seconds of imports, and benchmarks
         # measured beside other test stages would measure the neighbours.
+        executor_def=in_process_executor,
+    )
+
+
+def deploy_job_name(repository: RepositoryConfig, environment: EnvironmentConfig) -> str:
+    return f"{repository.identifier}_deploy_{environment.identifier}"
+
+
+def deploy_job(
+    repository: RepositoryConfig,
+    environment: EnvironmentConfig,
+    partitions: DynamicPartitionsDefinition,
+) -> UnresolvedAssetJobDefinition:
+    """Deploys one commit to one environment: that environment's deployment asset only."""
+    return define_asset_job(
+        name=deploy_job_name(repository, environment),
+        selection=AssetSelection.assets(
+            AssetKey([repository.name, f"deployment_{environment.name}"])
+        ),
+        partitions_def=partitions,
+        description=f"Deploy one commit of {repository.name} to {environment.name}.",
+        tags={"cicd/repository": repository.name, "cicd/environment": environment.name},
         executor_def=in_process_executor,
     )

@@ -9,16 +9,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 from dagster._core.utils import make_new_run_id
 
 from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
 from assets.partitions import commit_partitions
-from cicd_dagster.config import ControlConfig
+from cicd_dagster.config import ControlConfig, RepositoryConfig
 from cicd_dagster.definitions import build_definitions
 from cicd_dagster.locks import file_lock
 from cicd_dagster.report import run_report, stage_of_asset
-from jobs import ci_job_name
+from cicd_dagster.stages.deploy import environment_for
+from cicd_dagster.store import HistoryStore
+from jobs import ci_job_name, deploy_job_name
 
 
 def use_instance(config: ControlConfig) -> DagsterInstance:
@@ -51,26 +54,12 @@ def run_commit(
     stream_logs: bool = True,
 ) -> dict[str, Any]:
     """Run the CI job of one commit; returns the `cicd run --json` report of that run."""
-    instance = use_instance(config)
     repo = config.repository(repository)
-    partitions = commit_partitions(repo)
-    if not instance.has_dynamic_partition(partitions.name or "", sha):
-        instance.add_dynamic_partitions(partitions.name or "", [sha])
-    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(ci_job_name(repo))
     run_id = run_id or new_run_id()
-    tags = {REF_TAG: ref, BRANCH_TAG: branch or "", "cicd/trigger": "cli"}
+    tags = {REF_TAG: ref, BRANCH_TAG: branch or ""}
     if force:
         tags[FORCE_TAG] = "true"
-    # The CLI shows its own progress; Dagster's console logger speaks up with --verbose.
-    log_level = "DEBUG" if stream_logs else "CRITICAL"
-    result = job.execute_in_process(
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        instance=instance,
-        partition_key=sha,
-        run_id=run_id,
-        tags=tags,
-        raise_on_error=False,
-    )
+    result = _execute(config, repo, ci_job_name(repo), sha, run_id, tags, stream_logs)
     return run_report(
         repository=repository,
         commit=sha,
@@ -87,6 +76,33 @@ def run_commit(
             }
             for evaluation in result.get_asset_check_evaluations()
         ],
+    )
+
+
+def _execute(
+    config: ControlConfig,
+    repository: RepositoryConfig,
+    job_name: str,
+    sha: str,
+    run_id: str,
+    tags: dict[str, str],
+    stream_logs: bool,
+) -> ExecuteInProcessResult:
+    """Run a job of one commit's partition in this process, against the instance."""
+    instance = use_instance(config)
+    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(job_name)
+    partitions_name = commit_partitions(repository).name or ""
+    if not instance.has_dynamic_partition(partitions_name, sha):
+        instance.add_dynamic_partitions(partitions_name, [sha])
+    # The CLI shows its own progress; Dagster's console logger speaks up with --verbose.
+    log_level = "DEBUG" if stream_logs else "CRITICAL"
+    return job.execute_in_process(
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        instance=instance,
+        partition_key=sha,
+        run_id=run_id,
+        tags={**tags, "cicd/trigger": "cli"},
+        raise_on_error=False,
     )
 
 
@@ -114,3 +130,41 @@ def _recorded_stages(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]
             detail = failure.error.message if failure.error else "the step failed"
         stages[stage] = {"status": "failed", "detail": detail}
     return stages
+
+
+def deploy_commit_in_process(
+    config: ControlConfig,
+    repository: str,
+    environment: str,
+    sha: str,
+    *,
+    run_id: str | None = None,
+    stream_logs: bool = False,
+) -> dict[str, Any]:
+    """Materialize deployment_<environment> of one commit; returns what the history DB
+    recorded of that attempt (status, reason, durations) plus the url and run_id."""
+    repo = config.repository(repository)
+    env = next(e for e in config.environments if e.name == environment)
+    run_id = run_id or new_run_id()
+    result = _execute(config, repo, deploy_job_name(repo, env), sha, run_id, {}, stream_logs)
+    history = HistoryStore(config.history_db_url)
+    rows = history.deployments(repository=repository, environment=environment)
+    rows = rows[rows["run_id"] == run_id]
+    report: dict[str, Any] = {
+        "repository": repository,
+        "environment": environment,
+        "commit": sha,
+        "run_id": run_id,
+        "url": environment_for(config, repository, environment).router.url,
+    }
+    if rows.empty:  # the step failed before it could record anything
+        failures = result.get_step_failure_events()
+        detail = failures[0].step_failure_data.error if failures else None
+        report.update(status="failed", reason=detail.message if detail else "the run failed")
+        return report
+    row = rows.iloc[0]
+    for column in ("status", "reason", "strategy", "previous_version"):
+        report[column] = None if pd.isna(row[column]) else str(row[column])
+    for column in ("duration_s", "rollback_s"):
+        report[column] = None if pd.isna(row[column]) else round(float(row[column]), 3)
+    return report

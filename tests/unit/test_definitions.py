@@ -22,6 +22,9 @@ def two_repository_definitions(tmp_path: Path) -> Definitions:
         "repositories:\n"
         "  - {name: shop-api, url: /srv/git/shop-api, poll_interval_s: 60}\n"
         "  - {name: billing, url: 'https://example.invalid/billing.git', tags: ['v*']}\n"
+        "environments:\n"
+        "  - {name: dev}\n"
+        "  - {name: prod-eu, strategy: {type: blue_green}}\n"
     )
     return build_definitions(load_control_config(config))
 

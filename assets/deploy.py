@@ -1,0 +1,108 @@
+"""deployment_<env>: the commit promoted through the environments of cicd.yaml, in order.
+
+The assets are in their own group, <repo>_deploy, so the CI job never deploys. A refused,
+failed or rolled-back deployment fails the asset with the reason.
+"""
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.common import stage_context
+from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
+from cicd_dagster.resources import CicdResource
+from cicd_dagster.stages import StageError
+from cicd_dagster.stages.deploy import deploy_commit, environment_for
+from cicd_dagster.stages.tests import TEST_STAGES
+
+TRIGGER_TAG = "cicd/trigger"
+
+
+def deployment_key(repository: RepositoryConfig, environment: EnvironmentConfig) -> AssetKey:
+    return AssetKey([repository.name, f"deployment_{environment.name}"])
+
+
+def deploy_group(repository: RepositoryConfig) -> str:
+    return f"{repository.identifier}_deploy"
+
+
+def deployment_asset(
+    repository: RepositoryConfig,
+    partitions: DynamicPartitionsDefinition,
+    environment: EnvironmentConfig,
+    previous: EnvironmentConfig | None,
+) -> AssetsDefinition:
+    if previous is None:
+        deps = [AssetKey([repository.name, f"{stage}_tests"]) for stage in TEST_STAGES]
+    else:
+        deps = [deployment_key(repository, previous)]
+
+    @asset(
+        key=deployment_key(repository, environment),
+        deps=deps,
+        group_name=deploy_group(repository),
+        partitions_def=partitions,
+        kinds={"nginx"},
+        description=f"The commit's service deployed to {environment.name} "
+        f"({environment.strategy.type}), verified, or rolled back by itself.",
+    )
+    def deployment(context: AssetExecutionContext, cicd: CicdResource) -> MaterializeResult:
+        ctx = stage_context(context, cicd, repository.name)
+        try:
+            outcome = deploy_commit(
+                ctx,
+                environment,
+                previous.name if previous else None,
+                cicd.history(),
+                run_id=context.run_id,
+                triggered_by=context.run.tags.get(TRIGGER_TAG),
+            )
+        except StageError as error:
+            raise Failure(
+                description=str(error), metadata={"status": "refused"}, allow_retries=False
+            ) from error
+        timeline = "\n".join(f"- {event}" for event in outcome.events)
+        if outcome.status != "deployed":
+            raise Failure(
+                description=f"{outcome.status}: {outcome.reason}",
+                metadata={
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "rollback_s": outcome.rollback_s if outcome.rollback_s is not None else -1.0,
+                    "timeline": MetadataValue.md(timeline),
+                },
+                allow_retries=False,
+            )
+        url = environment_for(ctx.config, repository.name, environment.name).router.url
+        return MaterializeResult(
+            metadata={
+                "status": outcome.status,
+                "url": MetadataValue.url(url),
+                "version": outcome.version,
+                "previous_version": outcome.previous_version or "",
+                "strategy": environment.strategy.type,
+                "duration_s": round(outcome.duration_s, 3),
+                "timeline": MetadataValue.md(timeline),
+            }
+        )
+
+    return deployment
+
+
+def deployment_assets(
+    repository: RepositoryConfig,
+    partitions: DynamicPartitionsDefinition,
+    environments: list[EnvironmentConfig],
+) -> list[AssetsDefinition]:
+    """One deployment asset per environment, each depending on the one before."""
+    return [
+        deployment_asset(repository, partitions, environment, environments[i - 1] if i else None)
+        for i, environment in enumerate(environments)
+    ]
