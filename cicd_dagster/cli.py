@@ -84,6 +84,23 @@ def _repository(config: ControlConfig, name: str) -> RepositoryConfig:
     return config.repository(name)
 
 
+def _resolve(
+    control: ControlConfig, repo: RepositoryConfig, ref: str | None
+) -> tuple[str, str, str | None]:
+    """Fetch the repository and resolve `ref` (default: its default branch) to
+    (the ref as named, its commit sha, the branch name if the ref is a branch)."""
+    mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
+    mirror.fetch()
+    state = ls_remote(str(mirror.path))
+    target = ref or repo.default_branch or state.default_branch or "main"
+    try:
+        sha = mirror.resolve(target)
+    except GitError as error:
+        raise UsageError(f"{repo.name}: cannot resolve {target!r}: {error}") from error
+    branches = {r.short for r in state.refs if r.kind == "branch"}
+    return target, sha, target if target in branches else None
+
+
 @app.command()
 def validate(config: ConfigOption = None) -> None:
     """Check cicd.yaml and the .cicd.yml at the head of every watched ref."""
@@ -133,15 +150,7 @@ def run(
 
     control = _config(config)
     repo = _repository(control, repository)
-    mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
-    mirror.fetch()
-    target = ref or repo.default_branch or ls_remote(str(mirror.path)).default_branch or "main"
-    try:
-        sha = mirror.resolve(target)
-    except GitError as error:
-        raise UsageError(f"{repo.name}: cannot resolve {target!r}: {error}") from error
-    branches = {r.short for r in ls_remote(str(mirror.path)).refs if r.kind == "branch"}
-    branch = target if target in branches else None
+    target, sha, branch = _resolve(control, repo, ref)
     history = HistoryStore(control.history_db_url)
     run_id = new_run_id()
     err.print(f"[bold]{repo.name}[/] {target} @ {sha[:12]}  run {run_id}")
@@ -354,15 +363,7 @@ def deploy(
             raise UsageError(f"{repo.name}: nothing is verified in {previous} yet; pass --commit")
         sha = str(verified["commit"])
     else:
-        mirror = Mirror(control.git_dir / f"{repo.name}.git", repo.url)
-        mirror.fetch()
-        target = (
-            commit or repo.default_branch or ls_remote(str(mirror.path)).default_branch or "main"
-        )
-        try:
-            sha = mirror.resolve(target)
-        except GitError as error:
-            raise UsageError(f"{repo.name}: cannot resolve {target!r}: {error}") from error
+        _, sha, _ = _resolve(control, repo, commit)
     err.print(f"[bold]{repo.name}[/] {sha[:12]} -> {environment.name}")
     report = deploy_commit_in_process(
         control, repo.name, environment.name, sha, stream_logs=verbose
