@@ -6,6 +6,7 @@ the only thing written inside the project is benchmarks/results/<name>.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -367,3 +368,21 @@ def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
             print(f"kept {path}", file=sys.stderr)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options (a) and (b) share: which projects, and how each run is made."""
+    parser.add_argument(
+        "--project",
+        action="append",
+        choices=["demo", "more-itertools"],
+        help="measure only this project (repeatable; default both)",
+    )
+    parser.add_argument("--more-itertools-version", help="pin the sdist (default: latest)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="run cicd with PYTHONDONTWRITEBYTECODE=1 (compiles Dagster in every process)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -27,6 +27,7 @@ from typing import Any
 from _common import (
     PYTHON,
     Timed,
+    add_project_arguments,
     loadavg,
     make_demo_repository,
     make_more_itertools_repository,
@@ -232,20 +233,7 @@ def bench_project(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (default 3)")
-    parser.add_argument(
-        "--project",
-        action="append",
-        choices=["demo", "more-itertools"],
-        help="measure only this project (repeatable; default both)",
-    )
-    parser.add_argument("--more-itertools-version", help="pin the sdist (default: latest)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    parser.add_argument(
-        "--no-bytecode-cache",
-        action="store_true",
-        help="run cicd with PYTHONDONTWRITEBYTECODE=1 (compiles Dagster in every process)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    add_project_arguments(parser)
     args = parser.parse_args()
     projects = args.project or ["demo", "more-itertools"]
 
