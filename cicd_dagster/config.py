@@ -233,8 +233,30 @@ class RepositoryConfig(_NamedModel):
 
 
 class TargetConfig(_StrictModel):
+    """Where an environment's service runs, and within which limits."""
+
     type: Literal["local", "docker"] = "local"
-    image: str | None = None
+    base_image: str = "cicd-python:3.11"
+    """docker: the image the generated Dockerfile builds FROM when the repository has none."""
+    dockerfile: str | None = None
+    """docker: the repository's Dockerfile (relative to its root); None = "Dockerfile" if
+    the commit has one, else a generated one on base_image."""
+    memory_mb: int | None = Field(default=None, ge=16)
+    """Memory limit per replica: the container's memory, or RLIMIT_AS of a local process."""
+    cpus: float | None = Field(default=None, gt=0)
+    """docker only: CPUs per replica."""
+    max_open_files: int | None = Field(default=None, ge=16)
+    """RLIMIT_NOFILE per replica (both targets)."""
+
+    @model_validator(mode="after")
+    def _docker_only_fields(self) -> Self:
+        if self.type == "local" and self.cpus is not None:
+            raise PydanticCustomError(
+                "docker_only", "cpus needs a docker target (a local process has no CPU quota)"
+            )
+        if self.type == "local" and self.dockerfile is not None:
+            raise PydanticCustomError("docker_only", "dockerfile needs a docker target")
+        return self
 
 
 class StrategyConfig(_StrictModel):
@@ -269,6 +291,59 @@ class ApprovalConfig(_StrictModel):
     """Roles allowed to approve; empty = any user."""
 
 
+class SecretSource(_StrictModel):
+    """Where a secret's value is read at deploy time; only this reference is stored."""
+
+    env: EnvVarName | None = None
+    """An environment variable of the cicd process."""
+    file: Path | None = None
+    """A file (relative to cicd.yaml) whose content, without the final newline, is the value."""
+
+    @field_validator("file")
+    @classmethod
+    def _resolve_file(cls, file: Path | None, info: ValidationInfo) -> Path | None:
+        if file is None or file.is_absolute():
+            return file
+        return (_config_path(info).parent / file).resolve()
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.env is None) == (self.file is None):
+            raise PydanticCustomError(
+                "secret_source", 'a secret takes exactly one of "env" or "file"'
+            )
+        return self
+
+    @property
+    def reference(self) -> str:
+        """ "env:NAME" or "file:/path", as deployments record it."""
+        return f"env:{self.env}" if self.env is not None else f"file:{self.file}"
+
+
+class VerifyConfig(_StrictModel):
+    """How a new version is verified before it counts, and how long rollback stays instant."""
+
+    timeout_s: float = Field(default=2.0, gt=0)
+    """Per probe."""
+    interval_s: float = Field(default=0.5, ge=0)
+    max_attempts: int = Field(default=60, ge=1)
+    success_threshold: int = Field(default=3, ge=1)
+    """Consecutive 2xx answers needed."""
+    smoke: Command | None = None
+    """Run (bash, in the release's folder, with URL set to the new version's address) after
+    the health probes pass; a non-zero exit fails the deployment."""
+    smoke_timeout_s: float = Field(default=60, gt=0)
+    rollback_window_s: float = Field(default=3600, ge=0)
+    """blue_green: how long the previous slot keeps running (without traffic) so that a
+    rollback is a switch of weights; 0 stops it as soon as the new one is verified."""
+
+    @model_validator(mode="after")
+    def _threshold_within_attempts(self) -> Self:
+        if self.success_threshold > self.max_attempts:
+            raise PydanticCustomError("threshold", "success_threshold must not exceed max_attempts")
+        return self
+
+
 class EnvironmentConfig(_NamedModel):
     """A stage of the promotion chain."""
 
@@ -276,6 +351,13 @@ class EnvironmentConfig(_NamedModel):
     auto_deploy: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     approvals: ApprovalConfig | None = None
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    env: dict[EnvVarName, EnvVarValue] = {}
+    """Settings of this environment, added to the service's environment."""
+    secrets: dict[EnvVarName, SecretSource] = {}
+    """Secrets of this environment: read at deploy time, masked, never stored in clear."""
+    health_interval_s: int = Field(default=30, ge=5, le=86400)
+    """How often the deployment-health sensor probes the live environment."""
 
 
 class UserConfig(_StrictModel):

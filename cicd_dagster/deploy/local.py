@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -32,16 +31,15 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
+from cicd_dagster.deploy.target import (
+    ACTIVE_STATUSES,
+    ServiceSpec,
+    ServiceState,
+    SupervisorError,
+)
 from cicd_dagster.locks import file_lock
 
-ServiceStatus = Literal["starting", "running", "restarting", "crashed", "stopped"]
-# A slot in one of these states is wanted up: its supervisor should be alive.
-ACTIVE_STATUSES: frozenset[ServiceStatus] = frozenset({"starting", "running", "restarting"})
-MAX_BACKOFF_S = 10.0
-
-_SLOT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _START_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.02
 # SIGKILL is not refused, but a process blocked in the kernel dies only when it returns.
@@ -49,59 +47,6 @@ _KILL_WAIT_S = 5.0
 _LOG_TAIL_BYTES = 64 * 1024
 # The folder holding the cicd_dagster package, so the supervisor imports the same code.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class SupervisorError(RuntimeError):
-    """A slot cannot be started or stopped; the message says why."""
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    name: str  # the slot id; it becomes a file name
-    command: str  # run with bash -c, trusted like a Makefile line
-    cwd: Path
-    env: dict[str, str]  # the service's whole environment (PORT is added)
-    port: int
-    max_restarts: int = 5
-    backoff_s: float = 0.5  # before the first restart; doubles, capped at MAX_BACKOFF_S
-
-    def __post_init__(self) -> None:
-        if not _SLOT_NAME.fullmatch(self.name):
-            raise ValueError(
-                f"service slot name {self.name!r} may only contain letters, digits, '_', "
-                "'.' and '-'"
-            )
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"service {self.name}: port {self.port} is not in 1-65535")
-        if self.max_restarts < 0 or self.backoff_s < 0:
-            raise ValueError(f"service {self.name}: max_restarts and backoff_s must be >= 0")
-        bad = [key for key, value in self.env.items() if not isinstance(value, str)]
-        if bad:
-            raise ValueError(f"service {self.name}: env values must be strings: {bad}")
-
-    def backoff_before(self, restart: int) -> float:
-        """The pause before restart number `restart` (1 for the first)."""
-        return float(min(self.backoff_s * 2 ** (restart - 1), MAX_BACKOFF_S))
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "cwd": str(self.cwd)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ServiceSpec:
-        return cls(**{**data, "cwd": Path(data["cwd"])})
-
-
-@dataclass(frozen=True)
-class ServiceState:
-    name: str
-    pid: int | None  # the supervisor's
-    child_pid: int | None  # the service's (bash -c), leader of its own process group
-    port: int
-    status: ServiceStatus
-    restarts: int
-    started_at: str  # ISO 8601, when the slot was started (not reset by restarts)
-    log_path: Path
-    exit_code: int | None  # of the service's last exit, shell style (128+N: signal N)
 
 
 @dataclass(frozen=True)
@@ -216,6 +161,10 @@ class LocalSupervisor:
         return "\n".join(text.splitlines()[-max_lines:])
 
     def _check_can_start(self, spec: ServiceSpec) -> None:
+        if spec.image is not None:
+            raise SupervisorError(f"slot {spec.name}: a local target runs no image")
+        if spec.limits.cpus is not None:
+            raise SupervisorError(f"slot {spec.name}: a local target has no CPU quota")
         if not spec.cwd.is_dir():
             raise SupervisorError(f"service {spec.name}: working directory {spec.cwd} is missing")
         current = self.status(spec.name)

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 from cicd_dagster.config import StrategyConfig
 from cicd_dagster.deploy.health import ProbeConfig, probe, wait_healthy
-from cicd_dagster.deploy.local import LocalSupervisor, ServiceSpec, SupervisorError, free_port
+from cicd_dagster.deploy.local import free_port
 from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError
+from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceTarget, SupervisorError
 from cicd_dagster.locks import file_lock
 
 DeployStatus = Literal["deployed", "rolled_back", "failed"]
@@ -44,14 +45,21 @@ class Release:
     version: str  # e.g. the commit sha
     command: str
     cwd: Path
-    env: dict[str, str]
+    env: dict[str, str]  # settings only: never a secret's value
+    secrets: dict[str, str] = field(default_factory=dict)
+    """NAME -> reference ("env:VAR" or "file:/path"), read when a replica starts."""
+    image: str | None = None  # docker: the image built for this version
+    limits: Limits = field(default_factory=Limits)
+    labels: dict[str, str] = field(default_factory=dict)
+    config_digest: str = ""
+    """Of the settings and the secrets' values: a change of config alone is a new release."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "cwd": str(self.cwd)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Release:
-        return cls(**{**data, "cwd": Path(data["cwd"])})
+        return cls(**{**data, "cwd": Path(data["cwd"]), "limits": Limits(**data.get("limits", {}))})
 
 
 @dataclass(frozen=True)
@@ -180,13 +188,13 @@ class Environment:
         name: str,
         state_dir: Path,
         router: NginxRouter,
-        supervisor: LocalSupervisor,
+        target: ServiceTarget,
         probe: ProbeConfig,
     ) -> None:
         self.name = name
         self.state_dir = state_dir
         self.router = router
-        self.supervisor = supervisor
+        self.target = target
         self.probe = probe
         self._state_path = state_dir / "state.json"
         self._lock_path = state_dir / "deploy.lock"
@@ -235,7 +243,7 @@ class Environment:
         """Stop every slot and the router; the environment is empty afterwards."""
         with file_lock(self._lock_path):
             for slot in self._load().slots:
-                self.supervisor.stop(slot.name)
+                self.target.stop(slot.name)
             self.router.stop()
             self._save(_State())
 
@@ -355,8 +363,17 @@ class Environment:
         port = free_port()
         run.log(f"start {name} on port {port}")
         try:
-            self.supervisor.start(
-                ServiceSpec(name, release.command, release.cwd, dict(release.env), port)
+            self.target.start(
+                ServiceSpec(
+                    name,
+                    release.command,
+                    release.cwd,
+                    dict(release.env),
+                    port,
+                    image=release.image,
+                    limits=release.limits,
+                    labels=release.labels,
+                )
             )
         except SupervisorError as error:
             raise _Unhealthy(f"{name} did not start: {error}") from error
@@ -405,7 +422,7 @@ class Environment:
         )
 
     def _gave_up(self, name: str) -> bool:
-        state = self.supervisor.status(name)
+        state = self.target.status(name)
         return state is None or state.status in ("crashed", "stopped")
 
     def _new_slot_name(self, run: _Run, version: str) -> str:
@@ -445,7 +462,7 @@ class Environment:
             self._stop(run, slot)
 
     def _stop(self, run: _Run, slot: Slot) -> None:
-        self.supervisor.stop(slot.name)
+        self.target.stop(slot.name)
         run.state.slots = [s for s in run.state.slots if s.name != slot.name]
         run.log(f"stopped {slot.name}")
 

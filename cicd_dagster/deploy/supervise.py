@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -28,20 +29,29 @@ from types import FrameType
 from typing import Any
 
 from cicd_dagster.deploy.local import (
-    ServiceSpec,
-    ServiceState,
     SlotFiles,
     now_iso,
     shell_exit_code,
     stop_process_group,
     write_state,
 )
+from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceState
 
 # How long the service gets to exit after SIGTERM before its group is SIGKILLed; below
 # LocalSupervisor.stop's default timeout, so a normal stop never needs its fallback.
 CHILD_STOP_GRACE_S = 5.0
 # The loop wakes at least this often even if a wake-up were somehow missed.
 _MAX_WAIT_S = 1.0
+
+
+def apply_limits(limits: Limits) -> None:
+    """Set the rlimits of the calling process (run in the service's child before exec)."""
+    if limits.memory_mb is not None:
+        size = limits.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    if limits.max_open_files is not None:
+        count = limits.max_open_files
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 class _Supervisor:
@@ -111,6 +121,8 @@ class _Supervisor:
                 env={**self.spec.env, "PORT": str(self.spec.port)},
                 stdin=subprocess.DEVNULL,  # stdout and stderr: this process's, the log
                 process_group=0,
+                # preexec_fn is safe here: the supervisor has a single thread.
+                preexec_fn=lambda: apply_limits(self.spec.limits),
             )
         except OSError as error:  # the working directory vanished, say
             self._say(f"cannot start the service: {error}")

@@ -39,12 +39,12 @@ def environment_for(
         port = int(port_file.read_text())
     router = NginxRouter(router_root, port, nginx=find_nginx() or "nginx")
     # Slot names are "<env>.<version>.<n>": one supervisor folder per repository.
-    supervisor = LocalSupervisor(home / "services" / repository)
+    target = LocalSupervisor(home / "services" / repository)
     return Environment(
         environment,
         home / "environments" / repository / environment,
         router,
-        supervisor,
+        target,
         probe or ProbeConfig(),
     )
 

@@ -6,6 +6,7 @@ from cicd_dagster.store.history import (
     DeploymentRecord,
     GateRecord,
     HistoryStore,
+    ProbeRecord,
     StageRecord,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "DeploymentRecord",
     "GateRecord",
     "HistoryStore",
+    "ProbeRecord",
     "StageRecord",
 ]

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from cicd_dagster.store.models import (
     DEPLOYMENT_STATUSES,
+    EVENT_KINDS,
     STAGE_NAMES,
     STAGE_STATUSES,
     TEST_STAGES,
@@ -34,7 +35,9 @@ from cicd_dagster.store.models import (
     Build,
     Commit,
     Deployment,
+    Event,
     GateResult,
+    HealthProbe,
     Incident,
     Repository,
     Stage,
@@ -114,6 +117,20 @@ class DeploymentRecord:
     rollback_s: float | None = None
     run_id: str | None = None
     triggered_by: str | None = None
+    config_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """One probe of an environment's stable address."""
+
+    environment: str
+    commit_sha: str | None
+    at: datetime
+    ok: bool
+    status_code: int | None
+    latency_ms: float
+    error: str | None = None
 
 
 class HistoryStore:
@@ -347,7 +364,101 @@ class HistoryStore:
                 incident.closed_at = at
             return bool(incidents)
 
+    def record_event(
+        self,
+        repository: str,
+        kind: str,
+        message: str,
+        *,
+        environment: str | None = None,
+        commit_sha: str | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Add an event for notification channels to deliver and return its id."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            row = Event(
+                repository_id=repository_id,
+                kind=kind,
+                environment=environment,
+                commit_sha=commit_sha,
+                at=at or datetime.now(UTC),
+                message=message,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def record_probes(self, repository: str, probes: Sequence[ProbeRecord]) -> None:
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            session.add_all(
+                HealthProbe(repository_id=repository_id, **dataclasses.asdict(probe))
+                for probe in probes
+            )
+
     # -- queries -----------------------------------------------------------------------------
+
+    def events(
+        self,
+        repository: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """One row per event, oldest first (the order they are delivered in)."""
+        statement = (
+            sa.select(
+                Event.id,
+                Repository.name.label("repository"),
+                Event.kind,
+                Event.environment,
+                Event.commit_sha.label("commit"),
+                Event.at,
+                Event.message,
+            )
+            .select_from(Event)
+            .join(Repository)
+            .order_by(Event.at, Event.id)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if kind is not None:
+            statement = statement.where(Event.kind == kind)
+        if since is not None:
+            statement = statement.where(Event.at >= since)
+        return self._read(statement)
+
+    def probes(
+        self,
+        repository: str | None = None,
+        environment: str | None = None,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """One row per health probe, newest first."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                HealthProbe.environment,
+                HealthProbe.commit_sha.label("commit"),
+                HealthProbe.at,
+                HealthProbe.ok,
+                HealthProbe.status_code,
+                HealthProbe.latency_ms,
+                HealthProbe.error,
+            )
+            .select_from(HealthProbe)
+            .join(Repository)
+            .order_by(HealthProbe.at.desc(), HealthProbe.id.desc())
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if environment is not None:
+            statement = statement.where(HealthProbe.environment == environment)
+        if since is not None:
+            statement = statement.where(HealthProbe.at >= since)
+        return self._read(statement)
 
     def stage_rows(self, repository: str, commit_sha: str) -> pd.DataFrame:
         """One row per recorded stage of the build, in pipeline order."""
@@ -683,6 +794,7 @@ def _deployments_query(
             Deployment.rollback_s,
             Deployment.run_id,
             Deployment.triggered_by,
+            Deployment.config_digest,
         )
         .select_from(Deployment)
         .join(Repository)

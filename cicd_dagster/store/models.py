@@ -18,6 +18,18 @@ TEST_STAGES = ("unit", "integration", "e2e", "performance")
 # deployed: verified and live; rolled_back: failed verification, the previous version restored;
 # failed: failed without a rollback; refused: not attempted (e.g. a red or unpromoted commit).
 DEPLOYMENT_STATUSES = ("deployed", "rolled_back", "failed", "refused")
+# What notification channels can subscribe to (cicd.yaml notifications[].events).
+EVENT_KINDS = (
+    "failed",
+    "deployed",
+    "rolled_back",
+    "approval_requested",
+    "released",
+    "security_finding",
+    "incident_opened",
+    "incident_closed",
+    "drift",
+)
 
 # Named constraints let later migrations drop or alter them, also in SQLite batch mode.
 NAMING_CONVENTION = {
@@ -208,6 +220,7 @@ class Deployment(Base):
     rollback_s: Mapped[float | None]
     run_id: Mapped[str | None] = mapped_column(sa.String(64))
     triggered_by: Mapped[str | None] = mapped_column(sa.String(255))
+    config_digest: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class Incident(Base):
@@ -223,3 +236,36 @@ class Incident(Base):
     opened_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
     reason: Mapped[str] = mapped_column(sa.Text)
+
+
+class Event(Base):
+    """Something to tell people about (a deployment, a rollback, an incident...): the
+    outbox that notification channels deliver from."""
+
+    __tablename__ = "events"
+    __table_args__ = (sa.Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    environment: Mapped[str | None] = mapped_column(sa.String(64))
+    commit_sha: Mapped[str | None] = mapped_column(sa.String(40))
+    at: Mapped[datetime]
+    message: Mapped[str] = mapped_column(sa.Text)
+
+
+class HealthProbe(Base):
+    """One probe of a live environment's stable address by the deployment-health sensor."""
+
+    __tablename__ = "health_probes"
+    __table_args__ = (sa.Index(None, "repository_id", "environment", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    environment: Mapped[str] = mapped_column(sa.String(64))
+    commit_sha: Mapped[str | None] = mapped_column(sa.String(40))
+    at: Mapped[datetime]
+    ok: Mapped[bool]
+    status_code: Mapped[int | None]
+    latency_ms: Mapped[float]
+    error: Mapped[str | None] = mapped_column(sa.Text)

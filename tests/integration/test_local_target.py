@@ -20,13 +20,8 @@ from typing import TypeVar
 import pytest
 
 from cicd_dagster.deploy.health import ProbeConfig, wait_healthy
-from cicd_dagster.deploy.local import (
-    LocalSupervisor,
-    ServiceSpec,
-    ServiceState,
-    SupervisorError,
-    free_port,
-)
+from cicd_dagster.deploy.local import LocalSupervisor, free_port
+from cicd_dagster.deploy.target import ServiceSpec, ServiceState, SupervisorError
 
 T = TypeVar("T")
 
@@ -163,7 +158,8 @@ def test_service_outlives_the_process_that_deployed_it(
     deployer_script = textwrap.dedent("""
         import json, sys, time
         from pathlib import Path
-        from cicd_dagster.deploy.local import LocalSupervisor, ServiceSpec
+        from cicd_dagster.deploy.local import LocalSupervisor
+        from cicd_dagster.deploy.target import ServiceSpec
         slot = ServiceSpec.from_json(json.loads(Path(sys.argv[1]).read_text()))
         LocalSupervisor(Path(sys.argv[2])).start(slot)
         print("started", flush=True)

@@ -328,7 +328,8 @@ def test_unknown_key_with_nothing_close_lists_the_allowed_fields(
     )
 
     assert str(error) == (
-        'cicd.yaml:4: environments[0].target.colour: unknown field "colour" (allowed: type, image)'
+        'cicd.yaml:4: environments[0].target.colour: unknown field "colour" '
+        "(allowed: type, base_image, dockerfile, memory_mb, cpus, max_open_files)"
     )
     assert "did you mean" not in str(error)
 

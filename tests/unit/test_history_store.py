@@ -695,6 +695,7 @@ DEPLOYMENT_COLUMNS = [
     "rollback_s",
     "run_id",
     "triggered_by",
+    "config_digest",
 ]
 
 
@@ -713,6 +714,7 @@ def test_a_deployment_round_trips_with_all_its_fields(store: HistoryStore) -> No
         rollback_s=3.25,
         run_id="run-abc",
         triggered_by="sensor:auto_deploy",
+        config_digest="c0ffee",
     )
     deployment_id = store.record_deployment(REPO, deployment)
 
@@ -734,6 +736,7 @@ def test_a_deployment_round_trips_with_all_its_fields(store: HistoryStore) -> No
         "rollback_s": 3.25,
         "run_id": "run-abc",
         "triggered_by": "sensor:auto_deploy",
+        "config_digest": "c0ffee",
     }
     assert row["started_at"].utcoffset() == timedelta(0)
     assert isinstance(deployment_id, int)
