@@ -80,7 +80,7 @@ def deployment_asset(
                 },
                 allow_retries=False,
             )
-        url = environment_for(ctx.config, repository.name, environment.name).router.url
+        url = environment_for(ctx.config, repository.name, environment).router.url
         return MaterializeResult(
             metadata={
                 "status": outcome.status,

@@ -390,7 +390,7 @@ def down(
     control = _config(config)
     repo = _repository(control, repository)
     _, environment = _environment(control, env)
-    environment_for(control, repo.name, environment.name).down()
+    environment_for(control, repo.name, environment).down()
     err.print(f"stopped {repo.name} {environment.name}")
 
 

@@ -487,6 +487,13 @@ class ControlConfig(_StrictModel):
         known = ", ".join(r.name for r in self.repositories)
         raise KeyError(f"unknown repository {name!r}; {self.config_path.name} has: {known}")
 
+    def environment(self, name: str) -> EnvironmentConfig:
+        for environment in self.environments:
+            if environment.name == name:
+                return environment
+        known = ", ".join(e.name for e in self.environments) or "none"
+        raise KeyError(f"unknown environment {name!r}; {self.config_path.name} has: {known}")
+
     @property
     def dagster_home(self) -> Path:
         return self.home / "dagster"

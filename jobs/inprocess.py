@@ -155,7 +155,7 @@ def deploy_commit_in_process(
         "environment": environment,
         "commit": sha,
         "run_id": run_id,
-        "url": environment_for(config, repository, environment).router.url,
+        "url": environment_for(config, repository, env).router.url,
     }
     if rows.empty:  # the step failed before it could record anything
         failures = result.get_step_failure_events()

@@ -53,6 +53,7 @@ class Release:
     labels: dict[str, str] = field(default_factory=dict)
     config_digest: str = ""
     """Of the settings and the secrets' values: a change of config alone is a new release."""
+    health_path: str = "/healthz"  # the service's health page (.cicd.yml service.health)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "cwd": str(self.cwd)}
@@ -204,6 +205,11 @@ class Environment:
 
     def previous_version(self) -> str | None:
         return self._load().previous_version
+
+    def current_release(self) -> Release | None:
+        """How the current version runs (None before the first deploy)."""
+        state = self._load()
+        return state.releases.get(state.current_version or "")
 
     def slots(self) -> list[Slot]:
         """The live slots, with their router weights."""

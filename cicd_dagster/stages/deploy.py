@@ -26,11 +26,12 @@ from cicd_dagster.store import DeploymentRecord, HistoryStore
 
 
 def environment_for(
-    config: ControlConfig, repository: str, environment: str, probe: ProbeConfig | None = None
+    config: ControlConfig, repository: str, environment: EnvironmentConfig
 ) -> Environment:
-    """The local environment `environment` of `repository`, with its stable router port."""
+    """The environment `environment` of `repository` on its target, with its stable router
+    port (allocated once, kept in home/routers/<repo>-<env>/port)."""
     home = config.home
-    router_root = home / "routers" / f"{repository}-{environment}"
+    router_root = home / "routers" / f"{repository}-{environment.name}"
     router_root.mkdir(parents=True, exist_ok=True)
     port_file = router_root / "port"
     with file_lock(router_root / "port.lock"):
@@ -40,12 +41,19 @@ def environment_for(
     router = NginxRouter(router_root, port, nginx=find_nginx() or "nginx")
     # Slot names are "<env>.<version>.<n>": one supervisor folder per repository.
     target = LocalSupervisor(home / "services" / repository)
+    verify = environment.verify
+    probe = ProbeConfig(
+        timeout_s=verify.timeout_s,
+        interval_s=verify.interval_s,
+        max_attempts=verify.max_attempts,
+        success_threshold=verify.success_threshold,
+    )
     return Environment(
-        environment,
-        home / "environments" / repository / environment,
+        environment.name,
+        home / "environments" / repository / environment.name,
         router,
         target,
-        probe or ProbeConfig(),
+        probe,
     )
 
 
@@ -102,13 +110,12 @@ def deploy_commit(
     *,
     run_id: str | None = None,
     triggered_by: str | None = None,
-    probe: ProbeConfig | None = None,
 ) -> DeployOutcome:
     """Deploy the commit to `environment`, recording the attempt; StageError if refused."""
     started_at = datetime.now(UTC)
     started = time.monotonic()
     repo = ctx.repository.name
-    env = environment_for(ctx.config, repo, environment.name, probe)
+    env = environment_for(ctx.config, repo, environment)
 
     def record(status: str, reason: str, outcome: DeployOutcome | None = None) -> None:
         history.record_deployment(

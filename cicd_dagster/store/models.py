@@ -28,6 +28,7 @@ EVENT_KINDS = (
     "security_finding",
     "incident_opened",
     "incident_closed",
+    "service_error",
     "drift",
 )
 

@@ -66,11 +66,10 @@ def control(tmp_path: Path, nginx: str) -> Iterator[ControlConfig]:
     config = load_control_config(control_config(tmp_path, {"app": tmp_path / "app"}, ENVIRONMENTS))
     yield config
     for environment in config.environments:
-        env = environment_for(config, "app", environment.name)
+        env = environment_for(config, "app", environment)
         env.down()
-        supervisor = env.supervisor
-        for state in supervisor.all() if supervisor.state_dir.exists() else []:
-            supervisor.stop(state.name, timeout_s=5)
+        for state in env.target.all():
+            env.target.stop(state.name, timeout_s=5)
             for pid in (state.pid, state.child_pid):
                 if pid is not None:
                     with suppress(ProcessLookupError):
@@ -93,7 +92,7 @@ def ci(config: ControlConfig, sha: str) -> str:
 
 
 def serves(config: ControlConfig, environment: str) -> set[str]:
-    url = environment_for(config, "app", environment).router.url
+    url = environment_for(config, "app", config.environment(environment)).router.url
     return {http_get(url) for _ in range(5)}
 
 
@@ -118,7 +117,9 @@ def test_green_commit_is_promoted_and_bad_deploys_are_refused(tmp_path, control)
     )
     assert serves(control, "staging") == {good}
     # The stable address stays the same across deploys.
-    assert staging["url"] == environment_for(control, "app", "staging").router.url
+    assert (
+        staging["url"] == environment_for(control, "app", control.environment("staging")).router.url
+    )
 
     red = app_commit(repo, green=False, message="fix: oops")
     assert ci(control, red) == "failed"
@@ -159,6 +160,6 @@ def test_cli_deploy_exits_1_when_refused_and_down_stops_the_environment(tmp_path
     assert deploy_commit_in_process(control, "app", "dev", sha)["status"] == "deployed"
     done = cicd(control, "down", "app", "--env", "dev")
     assert done.returncode == 0, done.stderr
-    env = environment_for(control, "app", "dev")
+    env = environment_for(control, "app", control.environment("dev"))
     assert env.slots() == []
-    assert not any(s.status in ("starting", "running") for s in env.supervisor.all())
+    assert not any(s.status in ("starting", "running") for s in env.target.all())

@@ -76,7 +76,7 @@ def environment(tmp_path: Path, nginx: str) -> Iterator[Environment]:
     env = Environment("prod", tmp_path / "env", router, supervisor, PROBES)
     yield env
     env.down()
-    for state in supervisor.all() if supervisor.state_dir.exists() else []:
+    for state in supervisor.all():
         supervisor.stop(state.name, timeout_s=5)
         for pid in (state.pid, state.child_pid):
             if pid is not None:
@@ -97,7 +97,7 @@ def answers(environment: Environment, count: int = 20) -> Counter[str]:
 def active_slots(environment: Environment) -> set[str]:
     return {
         state.name
-        for state in environment.supervisor.all()
+        for state in environment.target.all()
         if state.status in ("starting", "running", "restarting")
     }
 
@@ -153,7 +153,7 @@ def test_a_rollback_whose_standby_slot_died_starts_a_new_one(
     v1 = release(service_dir, "v1")
     deploy(environment, v1, "blue_green")
     deploy(environment, release(service_dir, "v2"), "blue_green")
-    environment.supervisor.stop("prod.v1.0")  # the rollback window's slot, gone by hand
+    environment.target.stop("prod.v1.0")  # the rollback window's slot, gone by hand
 
     outcome = environment.rollback(v1)
 
