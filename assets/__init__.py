@@ -4,6 +4,7 @@ from dagster import AssetsDefinition, DynamicPartitionsDefinition
 
 from assets.build import build_asset
 from assets.deploy import deployment_assets
+from assets.drift import drift_checks
 from assets.source import source_asset
 from assets.tests import report_assets
 from cicd_dagster.config import RepositoryConfig
@@ -19,4 +20,4 @@ def ci_assets(
     ]
 
 
-__all__ = ["ci_assets", "deployment_assets"]
+__all__ = ["ci_assets", "deployment_assets", "drift_checks"]

@@ -1,7 +1,9 @@
 """deployment_<env>: the commit promoted through the environments of cicd.yaml, in order.
 
 The assets are in their own group, <repo>_deploy, so the CI job never deploys. A refused,
-failed or rolled-back deployment fails the asset with the reason.
+failed or rolled-back deployment fails the asset with the reason (a rollback is also an
+error line of the run's log). Re-materializing an older partition's deployment is a
+rollback to that version: what `cicd rollback` runs, marked with the cicd/rollback tag.
 """
 
 from dagster import (
@@ -23,6 +25,7 @@ from cicd_dagster.stages.deploy import deploy_commit, environment_for
 from cicd_dagster.stages.tests import TEST_STAGES
 
 TRIGGER_TAG = "cicd/trigger"
+ROLLBACK_TAG = "cicd/rollback"  # "true" on runs of `cicd rollback`
 
 
 def deployment_key(repository: RepositoryConfig, environment: EnvironmentConfig) -> AssetKey:
@@ -69,6 +72,11 @@ def deployment_asset(
                 description=str(error), metadata={"status": "refused"}, allow_retries=False
             ) from error
         timeline = "\n".join(f"- {event}" for event in outcome.events)
+        if outcome.status == "rolled_back":
+            context.log.error(
+                f"{environment.name} rolled back to {outcome.previous_version} in "
+                f"{outcome.rollback_s or 0:.2f} s: {outcome.reason}"
+            )
         if outcome.status != "deployed":
             raise Failure(
                 description=f"{outcome.status}: {outcome.reason}",
@@ -76,6 +84,7 @@ def deployment_asset(
                     "status": outcome.status,
                     "reason": outcome.reason,
                     "rollback_s": outcome.rollback_s if outcome.rollback_s is not None else -1.0,
+                    "config_digest": outcome.config_digest,
                     "timeline": MetadataValue.md(timeline),
                 },
                 allow_retries=False,
@@ -84,10 +93,13 @@ def deployment_asset(
         return MaterializeResult(
             metadata={
                 "status": outcome.status,
+                "reason": outcome.reason,
                 "url": MetadataValue.url(url),
                 "version": outcome.version,
                 "previous_version": outcome.previous_version or "",
-                "strategy": environment.strategy.type,
+                "strategy": outcome.strategy,
+                "config_digest": outcome.config_digest,
+                "rollback": context.run.tags.get(ROLLBACK_TAG) == "true",
                 "duration_s": round(outcome.duration_s, 3),
                 "timeline": MetadataValue.md(timeline),
             }

@@ -1,4 +1,4 @@
-"""The `cicd` command: validate, run, deploy, down, history, ui, demo.
+"""The `cicd` command: validate, run, deploy, down, status, infra, history, ui, demo.
 
 Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
 or configuration error.
@@ -15,7 +15,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pandas as pd
 import typer
@@ -35,6 +35,9 @@ from cicd_dagster.git import GitError, Mirror, ls_remote, select_refs
 from cicd_dagster.report import STAGES
 from cicd_dagster.store import HistoryStore
 
+if TYPE_CHECKING:
+    from cicd_dagster.deploy.infra import Change
+
 app = typer.Typer(
     help="cicd-dagster: a CI/CD control plane in which every product of delivery is a "
     "Dagster asset.",
@@ -43,6 +46,11 @@ app = typer.Typer(
 )
 history_app = typer.Typer(help="Query the history DB.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
+infra_app = typer.Typer(
+    help="Infrastructure as code: make what runs match the environments of cicd.yaml.",
+    no_args_is_help=True,
+)
+app.add_typer(infra_app, name="infra")
 
 err = Console(stderr=True, soft_wrap=True)  # error lines must stay whole, never wrapped
 ConfigOption = Annotated[
@@ -368,6 +376,13 @@ def deploy(
     report = deploy_commit_in_process(
         control, repo.name, environment.name, sha, stream_logs=verbose
     )
+    _print_deployment(report, environment, as_json)
+
+
+def _print_deployment(
+    report: dict[str, Any], environment: EnvironmentConfig, as_json: bool
+) -> None:
+    """Print what deploy_commit_in_process reported; exit 0 deployed, 1 otherwise."""
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -379,19 +394,187 @@ def deploy(
 
 
 @app.command()
-def down(
+def rollback(
     repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
     env: Annotated[str, typer.Option("--env", help="environment from cicd.yaml")],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="sha or ref (default: the environment's previous verified version)",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster logs")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Stop every service slot and the router of one environment."""
+    """Deploy an older verified version again: deployment_<env> of its partition, a switch
+    of weights while its slot is in the rollback window; exit 0 deployed, 1 otherwise."""
     from cicd_dagster.stages.deploy import environment_for
+    from jobs.inprocess import deploy_commit_in_process
 
     control = _config(config)
     repo = _repository(control, repository)
     _, environment = _environment(control, env)
-    environment_for(control, repo.name, environment).down()
-    err.print(f"stopped {repo.name} {environment.name}")
+    live = environment_for(control, repo.name, environment)
+    current = live.current_version()
+    if to is not None:
+        _, sha, _ = _resolve(control, repo, to)
+    else:
+        previous = live.previous_version()
+        if previous is None:
+            deployed = HistoryStore(control.history_db_url).deployments(
+                repository=repo.name, environment=environment.name
+            )
+            older = deployed[(deployed["status"] == "deployed") & (deployed["commit"] != current)]
+            if older.empty:
+                raise UsageError(
+                    f"{repo.name}: {environment.name} has no previous verified version; pass --to"
+                )
+            previous = str(older.iloc[0]["commit"])
+        sha = previous
+    if sha == current:
+        raise UsageError(f"{repo.name}: {sha[:12]} is already the version of {environment.name}")
+    err.print(f"[bold]{repo.name}[/] {environment.name}: roll back to {sha[:12]}")
+    report = deploy_commit_in_process(
+        control, repo.name, environment.name, sha, stream_logs=verbose, rollback=True
+    )
+    _print_deployment(report, environment, as_json)
+
+
+@app.command()
+def down(
+    repository: Annotated[
+        str | None, typer.Argument(help="repository name from cicd.yaml (default: all)")
+    ] = None,
+    env: Annotated[
+        str | None, typer.Option("--env", help="only this environment (default: all)")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Stop service slots and routers: of one environment, of a repository, or (with no
+    arguments) everything the project started, left-over environments included."""
+    from cicd_dagster.deploy import infra
+
+    control = _config(config)
+    repositories = [_repository(control, repository).name] if repository else None
+    if env is not None:
+        _, environment = _environment(control, env)
+        for name in repositories or [r.name for r in control.repositories]:
+            live = infra.existing_environment(control, name, environment)
+            if live is not None:
+                live.down()
+            err.print(f"stopped {name} {environment.name}")
+        return
+    stopped = infra.down(control, repository)
+    for line in stopped:
+        err.print(f"stopped {line}", markup=False, highlight=False)
+    if not stopped:
+        err.print("nothing was running")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """What runs where: per repository and environment, the live commit, its address,
+    its health (probed now), since when it runs, and any open incident."""
+    from cicd_dagster.deploy.monitor import environment_statuses
+
+    control = _config(config)
+    statuses = environment_statuses(control, HistoryStore(control.history_db_url))
+    if as_json:
+        sys.stdout.write(json.dumps([s.to_json() for s in statuses], indent=2) + "\n")
+        return
+    colours = {"healthy": "green", "degraded": "yellow", "down": "red", "not_deployed": "dim"}
+    table = Table()
+    for column in ("repository", "environment", "commit", "url", "health", "since", "strategy"):
+        table.add_column(column)
+    table.add_column("replicas", justify="right")
+    table.add_column("incident")
+    for s in statuses:
+        health = s.health.replace("_", " ")
+        incident = f"since {s.incident_since:%Y-%m-%d %H:%M:%S}" if s.incident_since else ""
+        table.add_row(
+            s.repository,
+            s.environment,
+            (s.commit or "")[:12],
+            s.url or "",
+            f"[{colours[s.health]}]{health}[/]",
+            f"{s.since:%Y-%m-%d %H:%M:%S}" if s.since else "",
+            f"{s.strategy} ({s.target})",
+            str(s.replicas) if s.commit else "",
+            incident,
+        )
+    console = Console()
+    # Piped or captured: no terminal to fit, so print whole lines rather than wrapped cells.
+    (console if console.is_terminal else Console(width=240)).print(table)
+
+
+@history_app.command("incidents")
+def history_incidents(
+    repo: RepoOption = None,
+    env: Annotated[str | None, typer.Option("--env", help="only this environment")] = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per incident: opened (first failing probe), closed (first healthy check),
+    duration_s (time to restore; empty while open)."""
+    history = HistoryStore(_config(config).history_db_url)
+    _emit(history.incidents(repository=repo, environment=env), output)
+
+
+def _print_changes(changes: list[Change], as_json: bool, *, done: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps([c.to_json() for c in changes], indent=2) + "\n")
+        return
+    if not changes:
+        err.print("[green]no changes[/]: what runs matches cicd.yaml")
+        return
+    symbols = {"create": "+", "update": "~", "restart": "↻", "delete": "-"}
+    for change in changes:
+        err.print(
+            f"{symbols[change.action]} {change.repository}/{change.environment} "
+            f"{change.action} {change.resource} {change.name}: {change.reason}",
+            markup=False,
+            highlight=False,
+        )
+    verb = "made" if done else "pending"
+    err.print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} {verb}")
+
+
+@infra_app.command("plan")
+def infra_plan(
+    as_json: Annotated[bool, typer.Option("--json", help="print the changes as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show how what runs differs from cicd.yaml; exit 0 no changes, 1 changes pending
+    (like terraform plan -detailed-exitcode, whose 2 is our usage error)."""
+    from cicd_dagster.deploy import infra
+
+    changes = infra.plan(_config(config))
+    _print_changes(changes, as_json, done=False)
+    raise typer.Exit(1 if changes else 0)
+
+
+@infra_app.command("apply")
+def infra_apply(
+    as_json: Annotated[bool, typer.Option("--json", help="print the changes made as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Provision and repair: folders, ports, router configs, missing or changed slots
+    restarted from their release with its limits, orphans stopped. Idempotent."""
+    from cicd_dagster.deploy import infra
+    from cicd_dagster.deploy.router import RouterError
+    from cicd_dagster.deploy.target import SupervisorError
+
+    try:
+        changes = infra.apply(_config(config))
+    except (RouterError, SupervisorError) as error:
+        err.print(f"apply stopped: {error}", markup=False, highlight=False)
+        raise typer.Exit(1) from error
+    _print_changes(changes, as_json, done=True)
 
 
 @app.command()

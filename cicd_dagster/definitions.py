@@ -10,11 +10,14 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from assets import ci_assets, deployment_assets
+from assets import ci_assets, deployment_assets, drift_checks
 from assets.partitions import commit_partitions
 from cicd_dagster.config import ControlConfig, load_control_config
 from cicd_dagster.resources import CicdResource
 from jobs import ci_job, deploy_job
+from sensors.drift import drift_sensor
+from sensors.health import deployment_health_sensor
+from sensors.promotion import promotion_sensors
 from sensors.repository import repository_sensor
 
 
@@ -30,10 +33,15 @@ def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Def
         assets.extend(ci_assets(repository, partitions))
         jobs.append(job)
         assets.extend(deployment_assets(repository, partitions, config.environments))
-        jobs.extend(deploy_job(repository, env, partitions) for env in config.environments)
+        deploy_jobs = [deploy_job(repository, env, partitions) for env in config.environments]
+        jobs.extend(deploy_jobs)
+        sensors.extend(promotion_sensors(repository, config.environments, deploy_jobs))
         sensors.append(repository_sensor(repository, job, partitions))
+    if config.environments:
+        sensors += [deployment_health_sensor(config), drift_sensor(config)]
     return Definitions(
         assets=assets,
+        asset_checks=drift_checks(config),
         jobs=jobs,
         sensors=sensors,
         resources={

@@ -14,6 +14,7 @@ from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 from dagster._core.utils import make_new_run_id
 
 from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
+from assets.deploy import ROLLBACK_TAG, TRIGGER_TAG
 from assets.partitions import commit_partitions
 from cicd_dagster.config import ControlConfig, RepositoryConfig
 from cicd_dagster.definitions import build_definitions
@@ -101,7 +102,7 @@ def _execute(
         instance=instance,
         partition_key=sha,
         run_id=run_id,
-        tags={**tags, "cicd/trigger": "cli"},
+        tags={TRIGGER_TAG: "cli", **tags},
         raise_on_error=False,
     )
 
@@ -140,13 +141,16 @@ def deploy_commit_in_process(
     *,
     run_id: str | None = None,
     stream_logs: bool = False,
+    rollback: bool = False,
 ) -> dict[str, Any]:
     """Materialize deployment_<environment> of one commit; returns what the history DB
-    recorded of that attempt (status, reason, durations) plus the url and run_id."""
+    recorded of that attempt (status, reason, durations) plus the url and run_id. With
+    `rollback` the run is tagged as one (cicd rollback) and triggered by "cli:rollback"."""
     repo = config.repository(repository)
     env = next(e for e in config.environments if e.name == environment)
     run_id = run_id or new_run_id()
-    result = _execute(config, repo, deploy_job_name(repo, env), sha, run_id, {}, stream_logs)
+    tags = {TRIGGER_TAG: "cli:rollback", ROLLBACK_TAG: "true"} if rollback else {}
+    result = _execute(config, repo, deploy_job_name(repo, env), sha, run_id, tags, stream_logs)
     history = HistoryStore(config.history_db_url)
     rows = history.deployments(repository=repository, environment=environment)
     rows = rows[rows["run_id"] == run_id]
@@ -157,13 +161,21 @@ def deploy_commit_in_process(
         "run_id": run_id,
         "url": environment_for(config, repository, env).router.url,
     }
+    materializations = result.get_asset_materialization_events()
+    if rows.empty and materializations:  # nothing to do: the commit is already live
+        metadata = materializations[0].step_materialization_data.materialization.metadata
+        labels = ("status", "reason", "strategy", "previous_version", "config_digest")
+        for label in (*labels, "duration_s"):
+            report[label] = metadata[label].value
+        report["rollback_s"] = None
+        return report
     if rows.empty:  # the step failed before it could record anything
         failures = result.get_step_failure_events()
         detail = failures[0].step_failure_data.error if failures else None
         report.update(status="failed", reason=detail.message if detail else "the run failed")
         return report
     row = rows.iloc[0]
-    for column in ("status", "reason", "strategy", "previous_version"):
+    for column in ("status", "reason", "strategy", "previous_version", "config_digest"):
         report[column] = None if pd.isna(row[column]) else str(row[column])
     for column in ("duration_s", "rollback_s"):
         report[column] = None if pd.isna(row[column]) else round(float(row[column]), 3)

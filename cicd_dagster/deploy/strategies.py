@@ -2,9 +2,15 @@
 environment's stable address (its NginxRouter), verified, and rolled back by itself.
 
 An Environment owns a state folder with state.json: the live slots (name, version, port,
-router weight), the current version and the previous verified one, and the Release of
-each of those two, so that recreate can bring the previous version back from another
-process. A Release's env may hold secrets: state.json is written with mode 0600.
+router weight, when a slot left traffic), the current version and the previous verified
+one, and the Release of each of those two, so that recreate can bring the previous
+version back from another process. A Release holds settings and secret references only:
+secret values are read when a replica starts and go to that replica alone.
+
+A new replica counts once its health page (Release.health_path) answers and, when the
+environment has a smoke command, that command passes against the replica's own port.
+Blue-green keeps the previous slot, without traffic, for the rollback window, so that a
+rollback within it is a switch of weights; end_expired_rollback_window stops it after.
 
 Deploys to one environment are serialised with a file lock: a second deploy waits until
 the first is done, so the state never mixes two half-done deploys.
@@ -16,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +33,7 @@ from cicd_dagster.deploy.local import free_port
 from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError
 from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceTarget, SupervisorError
 from cicd_dagster.locks import file_lock
+from cicd_dagster.runner import SecretMasker, run_step
 
 DeployStatus = Literal["deployed", "rolled_back", "failed"]
 
@@ -36,6 +43,37 @@ DEFAULT_MAX_P95_MS = 2000.0
 DEFAULT_PROBES_PER_STEP = 20
 # Canary analysis judges the answers users get, not the health page.
 ANALYSIS_PATH = "/"
+DEFAULT_ROLLBACK_WINDOW_S = 3600.0
+_SMOKE_TAIL_LINES = 15
+
+
+class SecretUnavailable(Exception):
+    """A secret's reference cannot be read; the message names the secret and its
+    reference, never a value."""
+
+
+def resolve_secrets(references: Mapping[str, str]) -> dict[str, str]:
+    """NAME -> value for NAME -> "env:VAR" (a variable of this process) or "file:/path" (the
+    file's text without its final newline)."""
+    values = {}
+    for name, reference in references.items():
+        kind, _, where = reference.partition(":")
+        if kind == "env":
+            value = os.environ.get(where)
+            if value is None:
+                raise SecretUnavailable(f"secret {name} ({reference}): the variable is not set")
+        elif kind == "file":
+            try:
+                value = Path(where).read_text().removesuffix("\n")
+            except (OSError, UnicodeDecodeError) as error:
+                detail = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+                raise SecretUnavailable(
+                    f"secret {name} ({reference}): cannot read the file: {detail}"
+                ) from None
+        else:
+            raise SecretUnavailable(f"secret {name}: unknown reference {reference!r}")
+        values[name] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -55,6 +93,25 @@ class Release:
     """Of the settings and the secrets' values: a change of config alone is a new release."""
     health_path: str = "/healthz"  # the service's health page (.cicd.yml service.health)
 
+    def runs_like(self, other: Release) -> bool:
+        """Whether a replica of `other` is one of this release: the same version, command
+        and config (compared by digest when both have one: the machine's own variables,
+        PATH say, may differ between the process that deployed and this one)."""
+
+        def identity(release: Release) -> tuple[object, ...]:
+            config = release.config_digest or sorted(release.env.items())
+            return (
+                release.version,
+                release.command,
+                release.cwd,
+                release.image,
+                release.health_path,
+                sorted(release.secrets.items()),
+                config,
+            )
+
+        return identity(self) == identity(other)
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "cwd": str(self.cwd)}
 
@@ -72,6 +129,8 @@ class DeployOutcome:
     duration_s: float
     rollback_s: float | None  # from detecting the failure to the old version serving alone
     events: list[str]  # human-readable timeline
+    strategy: str = ""  # as run: a rollback within the window is a blue-green switch
+    config_digest: str = ""  # of the release deployed (Release.config_digest)
 
 
 @dataclass(frozen=True)
@@ -82,6 +141,8 @@ class Slot:
     version: str
     port: int
     weight: int
+    standby_since: float | None = None
+    """Epoch seconds when the slot left traffic (weight > 0 -> 0): its rollback window."""
 
     def backend(self) -> Backend:
         return Backend(self.name, self.port, self.weight)
@@ -119,9 +180,10 @@ class _Unhealthy(Exception):
 class _Run:
     """One deploy in progress: the state it changes, its timeline and its clocks."""
 
-    def __init__(self, release: Release, state: _State) -> None:
+    def __init__(self, release: Release, state: _State, strategy: str = "") -> None:
         self.release = release
         self.state = state
+        self.strategy = strategy
         self.previous_version = state.current_version
         self.events: list[str] = []
         self._started = time.monotonic()
@@ -180,6 +242,8 @@ class _Run:
             duration_s=now - self._started,
             rollback_s=rollback_s,
             events=self.events,
+            strategy=self.strategy,
+            config_digest=self.release.config_digest,
         )
 
 
@@ -191,12 +255,21 @@ class Environment:
         router: NginxRouter,
         target: ServiceTarget,
         probe: ProbeConfig,
+        *,
+        smoke: str | None = None,
+        smoke_timeout_s: float = 60.0,
+        rollback_window_s: float = DEFAULT_ROLLBACK_WINDOW_S,
     ) -> None:
+        """`probe` says how to probe (its path is replaced by each release's health_path);
+        `smoke` is a bash command run after the probes pass, with URL set to the replica."""
         self.name = name
         self.state_dir = state_dir
         self.router = router
         self.target = target
         self.probe = probe
+        self.smoke = smoke
+        self.smoke_timeout_s = smoke_timeout_s
+        self.rollback_window_s = rollback_window_s
         self._state_path = state_dir / "state.json"
         self._lock_path = state_dir / "deploy.lock"
 
@@ -215,6 +288,46 @@ class Environment:
         """The live slots, with their router weights."""
         return self._load().slots
 
+    def is_live(self, release: Release) -> bool:
+        """Whether `release` is the current one and every slot serving it runs."""
+        state = self._load()
+        current = state.releases.get(state.current_version or "")
+        serving = [slot for slot in state.slots if slot.weight > 0]
+        if current is None or not current.runs_like(release) or not serving:
+            return False
+        return all(not self._gave_up(slot.name) for slot in serving)
+
+    def in_rollback_window(self, release: Release) -> bool:
+        """Whether a slot without traffic still runs `release`: deploying it (rollback)
+        is then a switch of weights."""
+        return self._standby_slot(_Run(release, self._load())) is not None
+
+    def end_expired_rollback_window(self, now: float | None = None) -> list[str]:
+        """Stop the slots without traffic whose rollback window has passed (a slot at
+        weight 0 that never served is a leftover and goes too); returns their names."""
+        now = time.time() if now is None else now
+        if not self._state_path.exists():
+            return []
+        with file_lock(self._lock_path):
+            state = self._load()
+            expired = [
+                slot
+                for slot in state.slots
+                if slot.weight == 0
+                and (
+                    slot.standby_since is None or now >= slot.standby_since + self.rollback_window_s
+                )
+            ]
+            if expired:
+                names = {slot.name for slot in expired}
+                state.slots = [slot for slot in state.slots if slot.name not in names]
+                if state.slots:  # out of the router's upstream first, then stopped
+                    self.router.apply([slot.backend() for slot in state.slots])
+                for slot in expired:
+                    self.target.stop(slot.name)
+                self._save(state)
+        return [slot.name for slot in expired]
+
     def deploy(self, release: Release, strategy: StrategyConfig) -> DeployOutcome:
         strategies: dict[str, Callable[[_Run, StrategyConfig], DeployOutcome]] = {
             "recreate": self._recreate,
@@ -223,7 +336,7 @@ class Environment:
             "canary": self._canary,
         }
         with file_lock(self._lock_path):
-            run = _Run(release, self._load())
+            run = _Run(release, self._load(), strategy.type)
             slots_before = {slot.name for slot in run.state.slots}
             run.log(
                 f"deploy {release.version} to {self.name} with {strategy.type} "
@@ -266,14 +379,17 @@ class Environment:
             run.failure_detected(str(failure))
             return run.rolled_back(str(failure))
         self._route(run, [replace(new, weight=100), *(replace(s, weight=0) for s in old)])
-        through_router = wait_healthy(self.router.url, self.probe)
+        through_router = wait_healthy(self.router.url, self._probe_of(run.release))
         if not through_router.healthy:
             reason = f"health check through the router failed: {through_router.reason}"
             run.failure_detected(reason)
             self._serve_only(run, old)
             return run.rolled_back(reason)
         run.log(f"{new.name} verified through {self.router.url}")
-        return run.deployed()  # the old slots stay, at weight 0, until the next deploy
+        if self.rollback_window_s <= 0:
+            self._serve_only(run, [replace(new, weight=100)])
+        # Otherwise the old slots stay, at weight 0, for the rollback window.
+        return run.deployed()
 
     def _canary(self, run: _Run, strategy: StrategyConfig) -> DeployOutcome:
         self._end_rollback_window(run)
@@ -368,38 +484,67 @@ class Environment:
         name = self._new_slot_name(run, release.version)
         port = free_port()
         run.log(f"start {name} on port {port}")
+        spec = self._service_spec(name, port, release)  # _Unhealthy: a secret is unreadable
         try:
-            self.target.start(
-                ServiceSpec(
-                    name,
-                    release.command,
-                    release.cwd,
-                    dict(release.env),
-                    port,
-                    image=release.image,
-                    limits=release.limits,
-                    labels=release.labels,
-                )
-            )
+            self.target.start(spec)
         except SupervisorError as error:
             raise _Unhealthy(f"{name} did not start: {error}") from error
         slot = Slot(name, release.version, port, 0)
         run.state.slots.append(slot)
-        return self._verified(run, slot)
+        return self._verified(run, slot, release)
 
-    def _verified(self, run: _Run, slot: Slot) -> Slot:
-        """`slot` once it is healthy on its own port; an unhealthy slot is stopped and
-        _Unhealthy raised."""
-        health = wait_healthy(
-            f"http://127.0.0.1:{slot.port}", self.probe, stop=lambda: self._gave_up(slot.name)
-        )
+    def _verified(self, run: _Run, slot: Slot, release: Release) -> Slot:
+        """`slot` once it is healthy on its own port and passed the smoke test; an
+        unhealthy slot is stopped and _Unhealthy raised."""
+        url = f"http://127.0.0.1:{slot.port}"
+        health = wait_healthy(url, self._probe_of(release), stop=lambda: self._gave_up(slot.name))
         if not health.healthy:
             self._stop(run, slot)
             raise _Unhealthy(
-                f"health check of {slot.name} on {self.probe.path} failed: {health.reason}"
+                f"health check of {slot.name} on {release.health_path} failed: {health.reason}"
             )
         run.log(f"{slot.name} healthy: {health.reason}")
+        if self.smoke is not None:
+            failure = self._smoke_failure(slot, release, url)
+            if failure is not None:
+                self._stop(run, slot)
+                raise _Unhealthy(failure)
+            run.log(f"{slot.name} passed the smoke test")
         return slot
+
+    def _smoke_failure(self, slot: Slot, release: Release, url: str) -> str | None:
+        """Why the smoke command failed against `url` (the slot's own port), or None."""
+        assert self.smoke is not None
+        secrets = self._secrets_of(release, slot.name)
+        try:
+            result = run_step(
+                self.smoke,
+                cwd=release.cwd,
+                env={**release.env, **secrets, "URL": url},
+                timeout_s=self.smoke_timeout_s,
+                log_path=self.state_dir / "smoke" / f"{slot.name}.log",
+                masker=SecretMasker(secrets.values()),
+                tail_lines=_SMOKE_TAIL_LINES,
+            )
+        except OSError as error:  # the release folder is gone, say
+            return f"smoke test of {slot.name} could not run: {error}"
+        if result.ok:
+            return None
+        how = (
+            f"timed out after {self.smoke_timeout_s:g} s"
+            if result.timed_out
+            else f"exited {result.exit_code}"
+        )
+        return f"smoke test of {slot.name} {how}: {self.smoke}\n{result.log_tail}"
+
+    def _secrets_of(self, release: Release, slot_name: str) -> dict[str, str]:
+        try:
+            return resolve_secrets(release.secrets)
+        except SecretUnavailable as error:
+            raise _Unhealthy(f"{slot_name} did not start: {error}") from error
+
+    def _probe_of(self, release: Release) -> ProbeConfig:
+        return replace(self.probe, path=release.health_path)
 
     def _reused(self, run: _Run, standby: Slot | None) -> Slot | None:
         """The standby slot if it is still healthy (a rollback within the window is then
@@ -408,7 +553,7 @@ class Environment:
             return None
         run.log(f"reuse {standby.name} from the rollback window")
         try:
-            return self._verified(run, standby)
+            return self._verified(run, standby, run.release)
         except _Unhealthy as failure:
             run.log(f"{failure}; starting a new slot instead")
             return None
@@ -416,7 +561,8 @@ class Environment:
     def _standby_slot(self, run: _Run) -> Slot | None:
         """A slot without traffic (the rollback window) that runs exactly the release
         being deployed, if there is one."""
-        if run.state.releases.get(run.release.version) != run.release:
+        known = run.state.releases.get(run.release.version)
+        if known is None or not known.runs_like(run.release):
             return None
         return next(
             (
@@ -439,7 +585,18 @@ class Environment:
         return f"{self.name}.{version[:12]}.{index}"
 
     def _route(self, run: _Run, slots: list[Slot]) -> None:
-        """Apply `slots`' weights; they become the live slots of the state."""
+        """Apply `slots`' weights; they become the live slots of the state, a slot that
+        leaves traffic recording when (its rollback window starts then)."""
+        before = {slot.name: slot for slot in run.state.slots}
+        now = time.time()
+
+        def clocked(slot: Slot) -> Slot:
+            if slot.weight > 0:
+                return replace(slot, standby_since=None)
+            was = before.get(slot.name)
+            return replace(slot, standby_since=now) if was and was.weight > 0 else slot
+
+        slots = [clocked(slot) for slot in slots]
         self.router.apply([slot.backend() for slot in slots])
         run.state.slots = slots
         run.log("route " + ", ".join(f"{slot.name}={slot.weight}" for slot in slots))
@@ -488,7 +645,7 @@ class Environment:
             return _State()
 
     def _save(self, state: _State) -> None:
-        # 0600: the stored releases carry their env, which may hold secrets.
+        # 0600: the releases' settings are the owner's business, though no secret is there.
         self.state_dir.mkdir(parents=True, exist_ok=True)
         temporary = self._state_path.with_name(f"state.json.{os.getpid()}.tmp")
         temporary.unlink(missing_ok=True)
@@ -496,3 +653,44 @@ class Environment:
         with os.fdopen(descriptor, "w") as handle:
             handle.write(json.dumps(state.to_json(), indent=2) + "\n")
         temporary.replace(self._state_path)
+
+    # --- repair (cicd infra apply) -------------------------------------------------------
+
+    def restart_slots(self, names: Collection[str]) -> None:
+        """Restart the named live slots from their release (limits included), each on its
+        own name and port, so the router and the state stay as they are; returns once each
+        is healthy. SupervisorError names a slot that does not come back."""
+        with file_lock(self._lock_path):
+            state = self._load()
+            for slot in state.slots:
+                if slot.name in names:
+                    release = state.releases.get(slot.version)
+                    if release is None:
+                        raise SupervisorError(f"slot {slot.name}: its release is no longer known")
+                    self._restart(slot, release)
+
+    def _restart(self, slot: Slot, release: Release) -> None:
+        self.target.stop(slot.name)
+        try:
+            self.target.start(self._service_spec(slot.name, slot.port, release))
+        except _Unhealthy as error:
+            raise SupervisorError(str(error)) from error
+        health = wait_healthy(
+            f"http://127.0.0.1:{slot.port}",
+            self._probe_of(release),
+            stop=lambda: self._gave_up(slot.name),
+        )
+        if not health.healthy:
+            raise SupervisorError(f"slot {slot.name} restarted unhealthy: {health.reason}")
+
+    def _service_spec(self, name: str, port: int, release: Release) -> ServiceSpec:
+        return ServiceSpec(
+            name,
+            release.command,
+            release.cwd,
+            {**release.env, **self._secrets_of(release, name)},
+            port,
+            image=release.image,
+            limits=release.limits,
+            labels=release.labels,
+        )

@@ -1,27 +1,51 @@
 """deployment_<env>: a green commit's service into one environment of the promotion chain.
 
 The commit must be green (every stage and gate recorded passed, with a build) and, past
-the first environment, verified in the previous one. Its checkout is copied once to
-home/releases/<repo>/<sha> (workspaces are pruned) and run with the build's venv as a
-local, supervised service behind the environment's nginx router, whose port is allocated
-once and kept in home/routers/<repo>-<env>/port.
+the first environment, verified in the previous one at some time (or in this one before:
+a rollback). Its checkout is copied once to home/releases/<repo>/<sha> (workspaces are
+pruned) and run with the build's venv as a local, supervised service behind the
+environment's nginx router, whose port is allocated once and kept in
+home/routers/<repo>-<env>/port.
+
+Configuration: the service gets the step environment, the environment's `env` settings,
+and its secrets (the repository's, then the environment's), which travel as references
+("env:VAR", "file:/path") and are read only when a replica starts. The config digest, an
+HMAC of the settings and the secrets' values under a random key kept in
+home/deploy-digest.key (0600), tells a change of config without storing a value: the
+commit that is live, with a new digest, deploys as a new release.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
+import secrets
 import shutil
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cicd_dagster.config import ControlConfig, EnvironmentConfig, PipelineConfig
 from cicd_dagster.deploy.health import ProbeConfig
 from cicd_dagster.deploy.local import LocalSupervisor, free_port
 from cicd_dagster.deploy.router import NginxRouter, find_nginx
-from cicd_dagster.deploy.strategies import DeployOutcome, Environment, Release
+from cicd_dagster.deploy.strategies import (
+    DeployOutcome,
+    Environment,
+    Release,
+    SecretUnavailable,
+    resolve_secrets,
+)
 from cicd_dagster.locks import file_lock
+from cicd_dagster.runner import SecretMasker
 from cicd_dagster.stages.build import load_build
 from cicd_dagster.stages.context import StageContext, StageError
 from cicd_dagster.stages.source import load_source
+from cicd_dagster.stages.tests import TEST_STAGES
 from cicd_dagster.store import DeploymentRecord, HistoryStore
 
 
@@ -54,42 +78,116 @@ def environment_for(
         router,
         target,
         probe,
+        smoke=verify.smoke,
+        smoke_timeout_s=verify.smoke_timeout_s,
+        rollback_window_s=verify.rollback_window_s,
     )
 
 
-def refusal(ctx: StageContext, previous: str | None, history: HistoryStore) -> str | None:
-    """Why this commit may not be deployed, or None."""
-    repo, sha = ctx.repository.name, ctx.sha
-    stages = history.stage_rows(repo, sha)
+def was_verified(history: HistoryStore, repository: str, environment: str, sha: str) -> bool:
+    """Whether `sha` was ever deployed and verified in `environment`."""
+    rows = history.deployments(repository=repository, environment=environment)
+    return bool(((rows["commit"] == sha) & (rows["status"] == "deployed")).any())
+
+
+def unfit_build(history: HistoryStore, repository: str, sha: str) -> str | None:
+    """Why this commit's CI does not let it deploy (no build, tests not finished, a failed
+    stage or gate), or None for a green commit."""
+    stages = history.stage_rows(repository, sha)
     if stages.empty or not (stages["name"] == "build").any():
         return f"{sha[:12]} has no build: run its CI first"
     failed = stages[stages["status"] == "failed"]
     if not failed.empty:
         return f"{sha[:12]} is red: stage {', '.join(failed['name'])} failed"
-    gates = history.gate_rows(repo, sha)
+    gates = history.gate_rows(repository, sha)
     if not gates.empty:
         red = gates[~gates["passed"].astype(bool)]
         if not red.empty:
             names = ", ".join(f"{s}.{n}" for s, n in zip(red["stage"], red["name"], strict=True))
             return f"{sha[:12]} is red: gate {names} failed"
-    if previous is not None:
-        verified = history.last_verified_deployment(repo, previous)
-        if verified is None or verified["commit"] != sha:
-            current = "nothing" if verified is None else str(verified["commit"])[:12]
-            return (
-                f"{sha[:12]} is not the verified deployment of {previous} "
-                f"({previous} runs {current}): deploy it to {previous} first"
-            )
+    missing = [stage for stage in TEST_STAGES if not (stages["name"] == stage).any()]
+    if missing:
+        return f"{sha[:12]} has no {', '.join(missing)} test report yet: let its CI finish"
     return None
 
 
-def release_of(ctx: StageContext, pipeline: PipelineConfig) -> Release:
-    """How to run this commit's service: a stable copy of the checkout and the build's venv."""
+def refusal(
+    ctx: StageContext, environment: str, previous: str | None, history: HistoryStore
+) -> str | None:
+    """Why this commit may not be deployed to `environment`, or None."""
+    repo, sha = ctx.repository.name, ctx.sha
+    reason = unfit_build(history, repo, sha)
+    if reason is not None:
+        return reason
+    # Promotion: verified in the previous environment at any time, not only its latest
+    # (rolling a later environment back to an older version needs that). A version
+    # verified here before may come back (a rollback).
+    if previous is not None and not (
+        was_verified(history, repo, previous, sha) or was_verified(history, repo, environment, sha)
+    ):
+        verified = history.last_verified_deployment(repo, previous)
+        current = "nothing" if verified is None else str(verified["commit"])[:12]
+        return (
+            f"{sha[:12]} was never verified in {previous} ({previous} runs {current}): "
+            f"deploy it to {previous} first"
+        )
+    return None
+
+
+def secret_references(ctx: StageContext, environment: EnvironmentConfig) -> dict[str, str]:
+    """NAME -> reference of every secret the service gets: the repository's (variables of
+    this process), then the environment's, which win on a clash."""
+    return {
+        **{name: f"env:{name}" for name in ctx.repository.secrets},
+        **{name: source.reference for name, source in environment.secrets.items()},
+    }
+
+
+def config_digest(home: Path, settings: Mapping[str, str], secret_values: Mapping[str, str]) -> str:
+    """HMAC-SHA256 of the settings and the secrets' values under this home's digest key, so
+    the digest tells a change without letting anyone test guesses of a short secret."""
+    payload = json.dumps({"settings": settings, "secrets": secret_values}, sort_keys=True)
+    return hmac.new(_digest_key(home), payload.encode(), hashlib.sha256).hexdigest()
+
+
+def _digest_key(home: Path) -> bytes:
+    path = home / "deploy-digest.key"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        partial = home / f"deploy-digest.key.{os.getpid()}.tmp"
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        try:
+            os.link(partial, path)  # atomic, and never replaces a key another process made
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    return path.read_bytes()
+
+
+def release_of(
+    ctx: StageContext, pipeline: PipelineConfig, environment: EnvironmentConfig
+) -> Release:
+    """How to run this commit's service in `environment`: a stable copy of the checkout,
+    the build's venv, the settings, and references to the secrets. StageError when an
+    artifact is missing or a secret cannot be read."""
     service = pipeline.service
     assert service is not None
-    build = load_build(ctx, pipeline)
     releases = ctx.config.home / "releases" / ctx.repository.name
     target = releases / ctx.sha
+    if not target.exists() and not ctx.workspace.checkout.is_dir():
+        raise StageError(
+            f"missing artifact: neither the release folder {target} nor the checkout "
+            f"{ctx.workspace.checkout} exists; re-run the CI of {ctx.sha[:12]}"
+        )
+    build = load_build(ctx, pipeline)
+    if build.env_dir is not None and not build.env_dir.is_dir():
+        raise StageError(
+            f"missing artifact: the build's venv {build.env_dir} is gone; "
+            f"rebuild with `cicd run {ctx.repository.name} --ref {ctx.sha} --force`"
+        )
     releases.mkdir(parents=True, exist_ok=True)
     with file_lock(releases / f"{ctx.sha}.lock"):
         if not target.exists():
@@ -97,9 +195,28 @@ def release_of(ctx: StageContext, pipeline: PipelineConfig) -> Release:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(ctx.workspace.checkout, partial, symlinks=True)
             partial.rename(target)
-    env = ctx.step_env("deploy", pipeline, build.env_dir)
+    references = secret_references(ctx, environment)
+    try:
+        values = resolve_secrets(references)
+    except SecretUnavailable as error:
+        raise StageError(str(error)) from error
+    env = {
+        name: value
+        for name, value in ctx.step_env("deploy", pipeline, build.env_dir).items()
+        if name not in references
+    }
+    env.update(environment.env)
     env["CICD_WORKSPACE"] = str(target)
-    return Release(version=ctx.sha, command=service.run, cwd=target, env=env)
+    env["CICD_ENVIRONMENT"] = environment.name
+    return Release(
+        version=ctx.sha,
+        command=service.run,
+        cwd=target,
+        env=env,
+        secrets=references,
+        config_digest=config_digest(ctx.config.home, {**pipeline.env, **environment.env}, values),
+        health_path=service.health,
+    )
 
 
 def deploy_commit(
@@ -111,11 +228,17 @@ def deploy_commit(
     run_id: str | None = None,
     triggered_by: str | None = None,
 ) -> DeployOutcome:
-    """Deploy the commit to `environment`, recording the attempt; StageError if refused."""
+    """Deploy the commit to `environment`, recording the attempt and its event; StageError
+    if refused. The outcome's reason and timeline are masked.
+
+    The commit that is live with the same config is left alone ("already live", nothing
+    recorded). A version still in the rollback window comes back as a switch of weights.
+    """
     started_at = datetime.now(UTC)
     started = time.monotonic()
     repo = ctx.repository.name
     env = environment_for(ctx.config, repo, environment)
+    masker = ctx.masker
 
     def record(status: str, reason: str, outcome: DeployOutcome | None = None) -> None:
         history.record_deployment(
@@ -123,21 +246,22 @@ def deploy_commit(
             DeploymentRecord(
                 environment=environment.name,
                 commit_sha=ctx.sha,
-                strategy=environment.strategy.type,
+                strategy=outcome.strategy if outcome else environment.strategy.type,
                 status=status,
                 version=ctx.sha,
                 previous_version=(outcome.previous_version if outcome else env.current_version()),
-                reason=ctx.masker.mask(reason),
+                reason=reason,
                 started_at=started_at,
                 finished_at=datetime.now(UTC),
                 duration_s=outcome.duration_s if outcome else time.monotonic() - started,
                 rollback_s=outcome.rollback_s if outcome else None,
                 run_id=run_id,
                 triggered_by=triggered_by,
+                config_digest=outcome.config_digest if outcome else None,
             ),
         )
 
-    reason = refusal(ctx, previous, history)
+    reason = refusal(ctx, environment.name, previous, history)
     pipeline: PipelineConfig | None = None
     if reason is None:
         try:
@@ -148,13 +272,41 @@ def deploy_commit(
         reason = f"{ctx.sha[:12]}:.cicd.yml has no service to deploy"
     if reason is None and pipeline is not None:
         try:
-            release = release_of(ctx, pipeline)
+            release = release_of(ctx, pipeline, environment)
         except StageError as error:
             reason = error.message
     if reason is not None or pipeline is None:
-        reason = reason or "no pipeline"
+        reason = masker.mask(reason or "no pipeline")
         record("refused", reason)
         raise StageError(f"deploy to {environment.name} refused: {reason}")
-    outcome = env.deploy(release, environment.strategy)
+    masker = SecretMasker([*ctx.secrets.values(), *resolve_secrets(release.secrets).values()])
+    if env.is_live(release):
+        return DeployOutcome(
+            status="deployed",
+            version=release.version,
+            previous_version=env.previous_version(),
+            reason="already live",
+            duration_s=time.monotonic() - started,
+            rollback_s=None,
+            events=[f"{release.version} is already live in {environment.name} with this config"],
+            strategy=environment.strategy.type,
+            config_digest=release.config_digest,
+        )
+    if env.in_rollback_window(release):
+        outcome = env.rollback(release)
+    else:
+        outcome = env.deploy(release, environment.strategy)
+    outcome = replace(
+        outcome,
+        reason=masker.mask(outcome.reason),
+        events=[masker.mask(event) for event in outcome.events],
+    )
     record(outcome.status, outcome.reason, outcome)
+    history.record_event(
+        repo,
+        outcome.status,
+        f"{repo} {ctx.sha[:12]} {outcome.status} in {environment.name}: {outcome.reason}",
+        environment=environment.name,
+        commit_sha=ctx.sha,
+    )
     return outcome

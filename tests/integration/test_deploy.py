@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -19,8 +20,17 @@ import pytest
 
 from cicd_dagster.config import ControlConfig, load_control_config
 from cicd_dagster.stages.deploy import environment_for
+from cicd_dagster.store import HistoryStore
+from cicd_dagster.workspace import CommitWorkspace
 from jobs.inprocess import deploy_commit_in_process, run_commit
-from tests.support import commit, control_config, http_get, junit_xml, pipeline_writing_reports
+from tests.support import (
+    TrafficProbe,
+    commit,
+    control_config,
+    http_get,
+    junit_xml,
+    pipeline_writing_reports,
+)
 
 pytestmark = pytest.mark.slow  # Dagster jobs, services and nginx
 
@@ -32,19 +42,22 @@ ENVIRONMENTS = (
     "  - name: staging\n"
     "    strategy: {type: canary}\n"
 )
-# Answers its commit sha on every path; the build's venv python runs it.
+# Answers its commit sha on every path but /env/NAME, which answers that variable; the
+# build's venv python runs it.
 SERVICE = """\
 import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-VERSION = os.environ["CICD_COMMIT_SHA"].encode()
+VERSION = os.environ["CICD_COMMIT_SHA"]
 
 class Service(BaseHTTPRequestHandler):
     def do_GET(self):
+        name = self.path.removeprefix("/env/")
+        body = (os.environ.get(name, "") if name != self.path else VERSION).encode()
         self.send_response(200)
-        self.send_header("Content-Length", str(len(VERSION)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(VERSION)
+        self.wfile.write(body)
 
     def log_message(self, format, *args):
         pass
@@ -61,20 +74,34 @@ def app_commit(repo: Path, *, green: bool = True, message: str = "feat: change")
 
 
 @pytest.fixture
-def control(tmp_path: Path, nginx: str) -> Iterator[ControlConfig]:
-    """A control plane with dev and staging; both are stopped after the test."""
-    config = load_control_config(control_config(tmp_path, {"app": tmp_path / "app"}, ENVIRONMENTS))
-    yield config
-    for environment in config.environments:
-        env = environment_for(config, "app", environment)
-        env.down()
-        for state in env.target.all():
-            env.target.stop(state.name, timeout_s=5)
-            for pid in (state.pid, state.child_pid):
-                if pid is not None:
-                    with suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        env.router.stop()
+def make_control(tmp_path: Path, nginx: str) -> Iterator[Callable[[str], ControlConfig]]:
+    """Writes cicd.yaml with these environments (again: a change of config) and loads it;
+    every environment is stopped after the test."""
+    made: list[ControlConfig] = []
+
+    def make(environments: str) -> ControlConfig:
+        path = control_config(tmp_path, {"app": tmp_path / "app"}, environments)
+        made.append(load_control_config(path))
+        return made[-1]
+
+    yield make
+    for config in made:
+        for environment in config.environments:
+            env = environment_for(config, "app", environment)
+            env.down()
+            for state in env.target.all():
+                env.target.stop(state.name, timeout_s=5)
+                for pid in (state.pid, state.child_pid):
+                    if pid is not None:
+                        with suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+            env.router.stop()
+
+
+@pytest.fixture
+def control(make_control: Callable[[str], ControlConfig]) -> ControlConfig:
+    """A control plane with dev (blue-green) and staging (canary)."""
+    return make_control(ENVIRONMENTS)
 
 
 def cicd(config: ControlConfig, *args: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +159,7 @@ def test_green_commit_is_promoted_and_bad_deploys_are_refused(tmp_path, control)
     assert ci(control, newer) == "success"
     skipped = deploy_commit_in_process(control, "app", "staging", newer)
     assert skipped["status"] == "refused"
-    assert "not the verified deployment of dev" in skipped["reason"]
+    assert f"{newer[:12]} was never verified in dev" in skipped["reason"]
     assert serves(control, "staging") == {good}
 
     done = cicd(control, "history", "deployments", "--format", "json")
@@ -163,3 +190,122 @@ def test_cli_deploy_exits_1_when_refused_and_down_stops_the_environment(tmp_path
     env = environment_for(control, "app", control.environment("dev"))
     assert env.slots() == []
     assert not any(s.status in ("starting", "running") for s in env.target.all())
+
+
+TOKEN, PASSWORD, NEW_PASSWORD = "tok-9f8e7d6c5b4a", "pw-1a2b3c4d5e", "pw-rotated-6f7g"
+CONFIGURED = (
+    "environments:\n"
+    "  - name: dev\n"
+    "    strategy: {type: blue_green}\n"
+    "    env: {GREETING: %s}\n"
+    "    secrets:\n"
+    "      API_TOKEN: {env: TEST_APP_API_TOKEN}\n"
+    "      DB_PASSWORD: {file: db-password}\n"
+)
+
+
+def files_holding(folder: Path, text: str) -> list[Path]:
+    return [
+        path for path in folder.rglob("*") if path.is_file() and text.encode() in path.read_bytes()
+    ]
+
+
+def test_secrets_reach_only_the_service_and_a_config_change_alone_redeploys(
+    tmp_path, make_control, monkeypatch, isolated_dagster_home
+):
+    monkeypatch.setenv("TEST_APP_API_TOKEN", TOKEN)
+    (tmp_path / "db-password").write_text(PASSWORD + "\n")
+    control = make_control(CONFIGURED % "hello")
+    sha = app_commit(tmp_path / "app")
+    assert ci(control, sha) == "success"
+    url = environment_for(control, "app", control.environment("dev")).router.url
+
+    first = deploy_commit_in_process(control, "app", "dev", sha)
+
+    assert first["status"] == "deployed", first
+    assert [http_get(f"{url}/env/{name}") for name in ("API_TOKEN", "DB_PASSWORD", "GREETING")] == [
+        TOKEN,
+        PASSWORD,
+        "hello",
+    ]
+    for secret in (TOKEN, PASSWORD):
+        assert files_holding(control.home, secret) == []  # state, specs, logs, history DB
+        assert files_holding(isolated_dagster_home, secret) == []  # runs, events, metadata
+    assert len(first["config_digest"]) == 64
+
+    again = cicd(control, "deploy", "app", "--env", "dev", "--commit", sha, "--json")
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout)["status"], json.loads(again.stdout)["reason"]) == (
+        "deployed",
+        "already live",
+    )
+
+    (tmp_path / "db-password").write_text(NEW_PASSWORD + "\n")  # a rotated secret alone
+    rotated = cicd(control, "deploy", "app", "--env", "dev", "--commit", sha, "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["config_digest"] != first["config_digest"]
+    assert http_get(f"{url}/env/DB_PASSWORD") == NEW_PASSWORD
+
+    make_control(CONFIGURED % "bonjour")  # a changed setting alone
+    changed = cicd(control, "deploy", "app", "--env", "dev", "--commit", sha, "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert http_get(f"{url}/env/GREETING") == "bonjour"
+
+    monkeypatch.delenv("TEST_APP_API_TOKEN")
+    refused = cicd(control, "deploy", "app", "--env", "dev", "--commit", sha)
+    assert refused.returncode == 1
+    assert "secret API_TOKEN (env:TEST_APP_API_TOKEN): the variable is not set" in refused.stderr
+    assert http_get(f"{url}/env/GREETING") == "bonjour"
+
+    rows = HistoryStore(control.history_db_url).deployments(repository="app")
+    assert sorted(rows["status"]) == ["deployed", "deployed", "deployed", "refused"]
+    assert rows["config_digest"].dropna().nunique() == 3
+    for secret in (TOKEN, PASSWORD, NEW_PASSWORD):
+        assert files_holding(control.home, secret) == []
+
+
+def test_cicd_rollback_switches_back_to_the_standby_slot_without_dropping_a_request(
+    tmp_path, control
+):
+    repo = tmp_path / "app"
+    v1 = app_commit(repo, message="feat: one")
+    v2 = app_commit(repo, message="feat: two")
+    assert ci(control, v1) == ci(control, v2) == "success"
+    dev = environment_for(control, "app", control.environment("dev"))
+    assert deploy_commit_in_process(control, "app", "dev", v1)["status"] == "deployed"
+    assert deploy_commit_in_process(control, "app", "dev", v2)["status"] == "deployed"
+    # Promotion needs the commit verified in dev at some time, not dev's latest.
+    assert deploy_commit_in_process(control, "app", "staging", v1)["status"] == "deployed"
+    [standby] = [slot for slot in dev.slots() if slot.version == v1]
+
+    traffic = TrafficProbe(dev.router.url, max_requests=100_000, max_seconds=60)
+    traffic.start()
+    try:
+        done = cicd(control, "rollback", "app", "--env", "dev", "--json")
+    finally:
+        traffic.finish()
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["status"], report["commit"], report["previous_version"]) == (
+        "deployed",
+        v1,
+        v2,
+    )
+    assert traffic.failures == [] and traffic.answers[-1] == v1
+    assert serves(control, "dev") == {v1}
+    assert [(s.name, s.port) for s in dev.slots() if s.weight] == [(standby.name, standby.port)]
+    history = HistoryStore(control.history_db_url)
+    latest = history.deployments(repository="app", environment="dev").iloc[0]
+    assert (latest["triggered_by"], latest["strategy"]) == ("cli:rollback", "blue_green")
+    events = history.events(repository="app")
+    assert list(events["kind"]) == ["deployed"] * 4
+    assert list(events["commit"]) == [v1, v2, v1, v1]
+
+    # A missing artifact (release folder and checkout gone) is refused; v1 keeps serving.
+    shutil.rmtree(control.home / "releases" / "app" / v2)
+    shutil.rmtree(CommitWorkspace.for_commit(control, "app", v2).checkout)
+    missing = deploy_commit_in_process(control, "app", "dev", v2)
+    assert missing["status"] == "refused"
+    assert "missing artifact" in missing["reason"]
+    assert serves(control, "dev") == {v1}

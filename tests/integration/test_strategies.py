@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,25 +71,38 @@ def service_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def environment(tmp_path: Path, nginx: str) -> Iterator[Environment]:
-    """An environment "prod" whose slots and router are all stopped after the test."""
-    router = NginxRouter(tmp_path / "router", free_port(), nginx=nginx)
-    supervisor = LocalSupervisor(tmp_path / "services")
-    env = Environment("prod", tmp_path / "env", router, supervisor, PROBES)
-    yield env
-    env.down()
-    for state in supervisor.all():
-        supervisor.stop(state.name, timeout_s=5)
-        for pid in (state.pid, state.child_pid):
-            if pid is not None:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    router.stop()
+def make_environment(tmp_path: Path, nginx: str) -> Iterator[Callable[..., Environment]]:
+    """Makes environments "prod" (Environment's keyword options passed on, `port` for the
+    router); their slots and routers are all stopped after the test."""
+    made: list[Environment] = []
+
+    def make(port: int | None = None, **options: Any) -> Environment:
+        folder = tmp_path / f"env{len(made)}"
+        router = NginxRouter(folder / "router", port or free_port(), nginx=nginx)
+        supervisor = LocalSupervisor(folder / "services")
+        made.append(Environment("prod", folder / "state", router, supervisor, PROBES, **options))
+        return made[-1]
+
+    yield make
+    for env in made:
+        env.down()
+        for state in env.target.all():
+            env.target.stop(state.name, timeout_s=5)
+            for pid in (state.pid, state.child_pid):
+                if pid is not None:
+                    with suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        env.router.stop()
 
 
-def release(service_dir: Path, version: str, mode: str = "good") -> Release:
+@pytest.fixture
+def environment(make_environment: Callable[..., Environment]) -> Environment:
+    return make_environment()
+
+
+def release(service_dir: Path, version: str, mode: str = "good", **fields: Any) -> Release:
     env = {"PATH": os.environ["PATH"], "VERSION": version, "MODE": mode}
-    return Release(version, SERVE, service_dir, env)
+    return Release(version, SERVE, service_dir, env, **fields)
 
 
 def answers(environment: Environment, count: int = 20) -> Counter[str]:
@@ -353,3 +368,118 @@ def test_two_deploys_at_once_run_one_after_the_other(
     assert environment.current_version() == second.version
     assert answers(environment) == Counter({second.version: 20})
     assert_consistent(environment)
+
+
+def test_probes_ask_the_release_health_page(environment: Environment, service_dir: Path) -> None:
+    # /healthz answers 500 in this mode; the release says its health page is /ready.
+    ready = release(service_dir, "v1", "unhealthy", health_path="/ready")
+
+    outcome = deploy(environment, ready, "blue_green")
+
+    assert outcome.status == "deployed", outcome
+    assert answers(environment) == Counter({"v1": 20})
+
+
+SMOKE = (
+    'echo "smoke of $VERSION with token $TOKEN"; '
+    f'{shlex.quote(sys.executable)} -c "import os, urllib.request; '
+    "urllib.request.urlopen(os.environ['URL'] + '/checkout')\"; "
+    '[ "$VERSION" = v1 ] || { echo "checkout is wrong"; exit 3; }'
+)
+
+
+def test_a_failing_smoke_test_rolls_back_with_its_masked_output(
+    make_environment: Callable[..., Environment], service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_SMOKE_TOKEN", "s3cret-token-value")
+    environment = make_environment(smoke=SMOKE, smoke_timeout_s=30)
+    secrets = {"TOKEN": "env:TEST_SMOKE_TOKEN"}
+    assert deploy(
+        environment, release(service_dir, "v1", secrets=secrets), "blue_green"
+    ).status == ("deployed")
+    traffic = TrafficProbe(environment.router.url)
+    traffic.start()
+    try:
+        outcome = deploy(environment, release(service_dir, "v2", secrets=secrets), "blue_green")
+    finally:
+        traffic.finish()
+
+    assert outcome.status == "rolled_back", outcome
+    assert outcome.reason.startswith("smoke test of prod.v2.0 exited 3")
+    assert "smoke of v2 with token ***" in outcome.reason
+    assert "checkout is wrong" in outcome.reason
+    assert "s3cret-token-value" not in outcome.reason
+    assert traffic.failures == [] and set(traffic.answers) == {"v1"}
+    assert environment.current_version() == "v1"
+    assert_consistent(environment)
+
+
+def test_a_secret_that_cannot_be_read_starts_nothing_and_names_its_reference(
+    environment: Environment, service_dir: Path, tmp_path: Path
+) -> None:
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+    missing = tmp_path / "no-such-secret"
+    v2 = release(service_dir, "v2", secrets={"DB_PASSWORD": f"file:{missing}"})
+
+    outcome = deploy(environment, v2, "blue_green")
+
+    assert outcome.status == "rolled_back", outcome
+    assert f"secret DB_PASSWORD (file:{missing}): cannot read the file" in outcome.reason
+    assert active_slots(environment) == {"prod.v1.0"}
+    assert answers(environment) == Counter({"v1": 20})
+
+
+def test_a_rollback_window_of_zero_stops_the_old_slot_after_the_switch(
+    make_environment: Callable[..., Environment], service_dir: Path
+) -> None:
+    environment = make_environment(rollback_window_s=0)
+    deploy(environment, release(service_dir, "v1"), "blue_green")
+
+    outcome = deploy(environment, release(service_dir, "v2"), "blue_green")
+
+    assert outcome.status == "deployed", outcome
+    assert environment.router.weights() == {"prod.v2.0": 100}
+    assert active_slots(environment) == {"prod.v2.0"}
+    assert_consistent(environment)
+
+
+def test_the_standby_slot_is_stopped_once_its_rollback_window_expires(
+    make_environment: Callable[..., Environment], service_dir: Path
+) -> None:
+    environment = make_environment(rollback_window_s=600)
+    v1 = release(service_dir, "v1")
+    deploy(environment, v1, "blue_green")
+    deploy(environment, release(service_dir, "v2"), "blue_green")
+    [standby] = [slot for slot in environment.slots() if slot.weight == 0]
+    assert standby.name == "prod.v1.0" and standby.standby_since is not None
+
+    assert environment.end_expired_rollback_window(now=standby.standby_since + 599) == []
+    assert environment.in_rollback_window(v1)
+    assert environment.end_expired_rollback_window(now=standby.standby_since + 600) == ["prod.v1.0"]
+
+    assert not environment.in_rollback_window(v1)
+    assert environment.router.weights() == {"prod.v2.0": 100}
+    assert active_slots(environment) == {"prod.v2.0"}
+    assert answers(environment) == Counter({"v2": 20})
+    assert_consistent(environment)
+    # A rollback after the window starts a new slot of v1.
+    back = environment.rollback(v1)
+    assert back.status == "deployed", back
+    assert not any("reuse" in event for event in back.events)
+    assert answers(environment) == Counter({"v1": 20})
+
+
+def test_a_router_port_taken_by_another_process_fails_the_first_deploy_cleanly(
+    make_environment: Callable[..., Environment], service_dir: Path
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        environment = make_environment(port=squatter.getsockname()[1])
+
+        outcome = deploy(environment, release(service_dir, "v1"), "blue_green")
+
+    assert outcome.status == "failed", outcome
+    assert outcome.reason.startswith("RouterError")
+    assert environment.current_version() is None
+    assert environment.slots() == [] and active_slots(environment) == set()

@@ -1,0 +1,113 @@
+"""The promotion sensor: green commits of the default branch into `auto_deploy` environments.
+
+For each such environment it takes the newest green commit of the default branch (past
+the first environment: the newest one verified in the previous environment) and, unless
+that commit was already attempted there, requests one run of the environment's deploy
+job for it (run key "<env>:<sha>", so it is requested once). Only the newest: an older
+commit never overtakes the one live, and a newest commit whose tests still run is waited
+for rather than skipped.
+"""
+
+from collections.abc import Sequence
+
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+from assets.common import BRANCH_TAG, REF_TAG
+from assets.deploy import TRIGGER_TAG
+from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
+from cicd_dagster.git import GitError, ls_remote
+from cicd_dagster.resources import CicdResource
+from cicd_dagster.stages.deploy import unfit_build
+from cicd_dagster.store import HistoryStore
+from jobs import deploy_job_name
+
+PROMOTION_INTERVAL_S = 30
+PROMOTION_TRIGGER = "sensor:promotion"
+
+
+def promotion_sensors(
+    repository: RepositoryConfig,
+    environments: Sequence[EnvironmentConfig],
+    deploy_jobs: Sequence[UnresolvedAssetJobDefinition],
+) -> list[SensorDefinition]:
+    """The repository's promotion sensor, or none when no environment has auto_deploy.
+    `deploy_jobs` are the environments' deploy jobs, in the same order."""
+    if not any(environment.auto_deploy for environment in environments):
+        return []
+
+    @sensor(
+        name=f"{repository.identifier}_promotion",
+        jobs=[job for env, job in zip(environments, deploy_jobs, strict=True) if env.auto_deploy],
+        minimum_interval_seconds=PROMOTION_INTERVAL_S,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=f"Deploys green commits of {repository.name}'s default branch to "
+        + ", ".join(env.name for env in environments if env.auto_deploy),
+    )
+    def promote(context: SensorEvaluationContext, cicd: CicdResource) -> SensorResult | SkipReason:
+        try:
+            branch = repository.default_branch or ls_remote(repository.url).default_branch
+        except GitError as error:
+            return SkipReason(f"{repository.name}: {error}")
+        if branch is None:
+            return SkipReason(f"{repository.name}: the remote names no default branch")
+        history = cicd.history()
+        builds = history.builds(repository=repository.name, branch=branch)
+        green = [str(sha) for sha in builds.loc[builds["status"] == "success", "commit"]]
+        requests: list[RunRequest] = []
+        notes: list[str] = []
+        for index, environment in enumerate(environments):
+            if not environment.auto_deploy:
+                continue
+            previous = environments[index - 1].name if index else None
+            sha, note = _candidate(history, repository.name, environment.name, previous, green)
+            if sha is None:
+                notes.append(f"{environment.name}: {note}")
+                continue
+            context.log.info(f"{repository.name}: promote {sha[:12]} to {environment.name}")
+            requests.append(
+                RunRequest(
+                    run_key=f"{environment.name}:{sha}",
+                    job_name=deploy_job_name(repository, environment),
+                    partition_key=sha,
+                    tags={TRIGGER_TAG: PROMOTION_TRIGGER, REF_TAG: branch, BRANCH_TAG: branch},
+                )
+            )
+        if not requests:
+            return SkipReason("; ".join(notes))
+        return SensorResult(run_requests=requests)
+
+    return [promote]
+
+
+def _candidate(
+    history: HistoryStore,
+    repository: str,
+    environment: str,
+    previous: str | None,
+    green: list[str],
+) -> tuple[str | None, str]:
+    """(the commit to deploy to `environment`, "") or (None, why there is none)."""
+    if previous is not None:
+        deployed = history.deployments(repository=repository, environment=previous)
+        verified = set(deployed.loc[deployed["status"] == "deployed", "commit"])
+        green = [sha for sha in green if sha in verified]
+    if not green:
+        where = f" verified in {previous}" if previous else ""
+        return None, f"no green commit{where}"
+    newest = green[0]
+    attempts = history.deployments(repository=repository, environment=environment)
+    if (attempts["commit"] == newest).any():
+        return None, f"{newest[:12]} was already attempted"
+    unfit = unfit_build(history, repository, newest)
+    if unfit is not None:
+        return None, unfit
+    return newest, ""
