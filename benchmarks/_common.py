@@ -1,4 +1,4 @@
-"""What the three benchmark scripts share: paths, environments, timing, git, reporting.
+"""What the benchmark scripts share: paths, environments, timing, git, reporting.
 
 Everything a benchmark creates lives in a temporary folder that is removed at the end;
 the only thing written inside the project is benchmarks/results/<name>.json.
