@@ -3,9 +3,14 @@
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
 
+import docker
 import pytest
 import sqlalchemy as sa
+
+from cicd_dagster.deploy.router import find_nginx
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +44,58 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
             connection.exec_driver_sql(f'DROP DATABASE "{database}" WITH (FORCE)')
     finally:
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def nginx() -> str:
+    """The nginx binary; a skip without it, or a failure where CI requires it."""
+    executable = find_nginx()
+    if executable:
+        return executable
+    reason = "nginx is not installed; run .ci/install-nginx.sh"
+    if os.environ.get("CICD_REQUIRE_NGINX") == "1":
+        pytest.fail(f"CICD_REQUIRE_NGINX=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _missing(requirement: str, reason: str) -> NoReturn:
+    """Skip for want of a real part, or fail where CI requires it (`requirement`=1)."""
+    if os.environ.get(requirement) == "1":
+        pytest.fail(f"{requirement}=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the Docker engine; a skip without a reachable one, or a failure where
+    CI requires it (CICD_REQUIRE_DOCKER=1)."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as error:
+        _missing(
+            "CICD_REQUIRE_DOCKER",
+            f"no reachable Docker engine ({error}); run .ci/start-docker.sh",
+        )
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: docker.DockerClient) -> str:
+    """The base image of generated release images, as .ci/start-docker.sh builds it."""
+    name = "cicd-python:3.11"
+    try:
+        docker_client.images.get(name)
+    except docker.errors.ImageNotFound:
+        _missing("CICD_REQUIRE_DOCKER", f"the image {name} is missing; run .ci/start-docker.sh")
+    return name
+
+
+@pytest.fixture(scope="session")
+def busybox() -> Path:
+    """busybox-static's binary, for tiny images imported into a test's own Docker engine."""
+    binary = Path("/bin/busybox")
+    if not binary.is_file():
+        _missing("CICD_REQUIRE_DOCKER", "busybox-static is not installed; run .ci/start-docker.sh")
+    return binary

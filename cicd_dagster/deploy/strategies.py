@@ -33,7 +33,7 @@ from cicd_dagster.deploy.local import free_port
 from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError
 from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceTarget, SupervisorError
 from cicd_dagster.locks import file_lock
-from cicd_dagster.runner import SecretMasker, run_step
+from cicd_dagster.runner import SecretMasker, base_environment, run_step
 
 DeployStatus = Literal["deployed", "rolled_back", "failed"]
 
@@ -347,10 +347,15 @@ class Environment:
             except (RouterError, SupervisorError) as error:
                 # The router keeps its previous config on a RouterError, so new slots
                 # without traffic can go; the state records whatever else still runs.
-                for slot in run.state.slots:
+                reason = f"{type(error).__name__}: {error}"
+                for slot in list(run.state.slots):
                     if slot.name not in slots_before and slot.weight == 0:
-                        self._stop(run, slot)
-                return run.failed(f"{type(error).__name__}: {error}")
+                        try:
+                            self._stop(run, slot)
+                        except SupervisorError as cleanup:  # e.g. the engine is gone
+                            # Kept in the state, so the next deploy or `cicd down` stops it.
+                            reason += f"; {slot.name} left without traffic: {cleanup}"
+                return run.failed(reason)
             finally:
                 self._save(run.state)
 
@@ -520,7 +525,8 @@ class Environment:
             result = run_step(
                 self.smoke,
                 cwd=release.cwd,
-                env={**release.env, **secrets, "URL": url},
+                # base_environment: a container release carries no PATH of this machine.
+                env=base_environment({**release.env, **secrets, "URL": url}),
                 timeout_s=self.smoke_timeout_s,
                 log_path=self.state_dir / "smoke" / f"{slot.name}.log",
                 masker=SecretMasker(secrets.values()),

@@ -37,7 +37,7 @@ class Limits:
 class ServiceSpec:
     name: str  # the slot id; it becomes a file or container name
     command: str  # run with bash -c, trusted like a Makefile line
-    cwd: Path  # local: the folder it runs in; docker: the working dir in the image
+    cwd: Path  # the release's folder here; local: it runs there; docker: the image's WORKDIR
     env: dict[str, str]  # the service's whole environment (PORT is added)
     port: int
     max_restarts: int = 5

@@ -30,6 +30,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cicd_dagster.config import ControlConfig, EnvironmentConfig, PipelineConfig
+from cicd_dagster.deploy.docker import (
+    APP_DIR,
+    DockerTarget,
+    ImageBuildError,
+    build_release_image,
+    release_image_tag,
+)
 from cicd_dagster.deploy.health import ProbeConfig
 from cicd_dagster.deploy.local import LocalSupervisor, free_port
 from cicd_dagster.deploy.router import NginxRouter, find_nginx
@@ -40,6 +47,7 @@ from cicd_dagster.deploy.strategies import (
     SecretUnavailable,
     resolve_secrets,
 )
+from cicd_dagster.deploy.target import Limits, ServiceTarget
 from cicd_dagster.locks import file_lock
 from cicd_dagster.runner import SecretMasker
 from cicd_dagster.stages.build import load_build
@@ -63,8 +71,14 @@ def environment_for(
             port_file.write_text(f"{free_port()}\n")
         port = int(port_file.read_text())
     router = NginxRouter(router_root, port, nginx=find_nginx() or "nginx")
-    # Slot names are "<env>.<version>.<n>": one supervisor folder per repository.
-    target = LocalSupervisor(home / "services" / repository)
+    # Slot names are "<env>.<version>.<n>": one supervisor folder (or container scope) per
+    # repository. Container names are engine-wide, so the scope also names the home.
+    target: ServiceTarget
+    if environment.target.type == "docker":
+        home_id = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+        target = DockerTarget(f"{repository}-{home_id}")
+    else:
+        target = LocalSupervisor(home / "services" / repository)
     verify = environment.verify
     probe = ProbeConfig(
         timeout_s=verify.timeout_s,
@@ -208,15 +222,76 @@ def release_of(
     env.update(environment.env)
     env["CICD_WORKSPACE"] = str(target)
     env["CICD_ENVIRONMENT"] = environment.name
+    labels = {
+        "cicd.repository": ctx.repository.name,
+        "cicd.environment": environment.name,
+        "cicd.commit": ctx.sha,
+    }
+    image = None
+    if environment.target.type == "docker":
+        image = _release_image(ctx, pipeline, environment, target, labels)
+        # A container has the image's PATH and files: only the settings travel.
+        settings = {*pipeline.env, *environment.env}
+        env = {**_container_settings(env, settings), "CICD_WORKSPACE": APP_DIR}
+    limits = environment.target
     return Release(
         version=ctx.sha,
         command=service.run,
         cwd=target,
         env=env,
         secrets=references,
+        image=image,
+        limits=Limits(limits.memory_mb, limits.cpus, limits.max_open_files),
+        labels=labels,
         config_digest=config_digest(ctx.config.home, {**pipeline.env, **environment.env}, values),
         health_path=service.health,
     )
+
+
+def _release_image(
+    ctx: StageContext,
+    pipeline: PipelineConfig,
+    environment: EnvironmentConfig,
+    release_dir: Path,
+    labels: dict[str, str],
+) -> str:
+    """The release's Docker image (built once per commit and image settings)."""
+    settings = environment.target
+    tag = release_image_tag(
+        ctx.repository.name,
+        ctx.sha,
+        base_image=settings.base_image,
+        dockerfile=settings.dockerfile,
+    )
+    wheels = sorted(
+        path.relative_to(release_dir).as_posix()
+        for pattern in pipeline.build.artifacts
+        for path in release_dir.glob(pattern)
+        if path.suffix == ".whl" and path.is_file()
+    )
+    try:
+        return build_release_image(
+            release_dir,
+            tag=tag,
+            base_image=settings.base_image,
+            dockerfile=settings.dockerfile,
+            wheels=wheels,
+            labels={key: value for key, value in labels.items() if key != "cicd.environment"},
+            log=ctx.on_line,
+        )
+    except ImageBuildError as error:
+        raise StageError(str(error)) from error
+
+
+def _container_settings(env: Mapping[str, str], settings: set[str]) -> dict[str, str]:
+    """What of a local release's environment a container gets: the `settings` and the
+    CICD_* values, not this machine's PATH, HOME or folders."""
+    host_paths = {"CICD_WORKSPACE", "CICD_REPORTS_DIR", "CICD_ARTIFACTS_DIR"}
+    return {
+        name: value
+        for name, value in env.items()
+        if name in settings or (name.startswith("CICD_") and name not in host_paths)
+    }
 
 
 def deploy_commit(
