@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from cicd_dagster.deploy.strategies import Environment
+
+T = TypeVar("T")
 
 AUTHOR = ["-c", "user.name=Test Author", "-c", "user.email=author@example.com"]
 
@@ -131,3 +140,28 @@ class TrafficProbe(threading.Thread):
     def finish(self) -> None:
         self._stop_requested.set()
         self.join()
+
+
+def eventually(check: Callable[[], T | None], within_s: float = 30.0) -> T:
+    """Poll `check` until it returns something truthy (a deadline, not a timing assert)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within_s}s")
+        time.sleep(0.02)
+
+
+def tear_down(environment: Environment) -> None:
+    """Stop everything an environment runs, even after a test failed half-way: its slots,
+    whatever else its target still runs, and its router."""
+    environment.down()
+    for state in environment.target.all():
+        environment.target.stop(state.name, timeout_s=5)
+        for pid in (state.pid, state.child_pid):
+            if pid is not None:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    environment.router.stop()

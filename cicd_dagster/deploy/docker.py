@@ -33,13 +33,13 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Ulimit
 from docker.utils.build import match_tag, tar
 
-from cicd_dagster.deploy.local import port_is_free
 from cicd_dagster.deploy.target import (
     ACTIVE_STATUSES,
     ServiceSpec,
     ServiceState,
     ServiceStatus,
     SupervisorError,
+    check_port,
 )
 
 ClientFactory = Callable[[], DockerClient]
@@ -83,7 +83,7 @@ class DockerTarget:
         name = container_name(self.scope, spec.name)
         with self._engine(spec.name, "start"):
             self._clear_name(spec.name, name)
-            self._check_port(spec)
+            check_port(spec, self.all())
             try:
                 container = self._engine_client().containers.create(
                     spec.image,
@@ -208,14 +208,6 @@ class DockerTarget:
                 f"slot {slot} is already {state.status} (container {name}); stop it first"
             )
         container.remove(force=True)
-
-    def _check_port(self, spec: ServiceSpec) -> None:
-        for other in self.all():
-            active = other.status in ACTIVE_STATUSES
-            if active and other.name != spec.name and other.port == spec.port:
-                raise SupervisorError(f"port {spec.port} is already allocated to slot {other.name}")
-        if not port_is_free(spec.port):
-            raise SupervisorError(f"port {spec.port} on 127.0.0.1 is already in use")
 
     def _state(self, attrs: dict[str, Any]) -> ServiceState:
         labels = attrs["Config"]["Labels"]

@@ -37,6 +37,7 @@ from cicd_dagster.deploy.target import (
     ServiceSpec,
     ServiceState,
     SupervisorError,
+    check_port,
 )
 from cicd_dagster.locks import file_lock
 
@@ -178,12 +179,7 @@ class LocalSupervisor:
                 f"slot {spec.name} lost its supervisor but its service (pid "
                 f"{current.child_pid}) still runs; stop it first"
             )
-        for other in self.all():
-            active = other.status in ACTIVE_STATUSES
-            if active and other.name != spec.name and other.port == spec.port:
-                raise SupervisorError(f"port {spec.port} is already allocated to slot {other.name}")
-        if not port_is_free(spec.port):
-            raise SupervisorError(f"port {spec.port} on 127.0.0.1 is already in use")
+        check_port(spec, self.all())
 
     def _wait_for_state(self, name: str) -> ServiceState:
         state_file = SlotFiles.of(self.state_dir, name).state
@@ -203,18 +199,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    # SO_REUSEADDR as servers set it: lingering TIME_WAIT connections do not count, a
-    # listener (on 127.0.0.1 or on all addresses) does.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def now_iso() -> str:

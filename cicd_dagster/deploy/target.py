@@ -8,6 +8,8 @@ works the same on local processes (local.LocalSupervisor) and Docker containers
 from __future__ import annotations
 
 import re
+import socket
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -108,3 +110,26 @@ class ServiceTarget(Protocol):
     def log_tail(self, name: str, max_lines: int = 40) -> str:
         """The last lines of the slot's output ("" if there is none)."""
         ...
+
+
+def port_is_free(port: int) -> bool:
+    # SO_REUSEADDR as servers set it: lingering TIME_WAIT connections do not count, a
+    # listener (on 127.0.0.1 or on all addresses) does.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def check_port(spec: ServiceSpec, slots: Iterable[ServiceState]) -> None:
+    """SupervisorError if `spec`'s port belongs to another active slot of the target or
+    to anything else listening on 127.0.0.1."""
+    for other in slots:
+        active = other.status in ACTIVE_STATUSES
+        if active and other.name != spec.name and other.port == spec.port:
+            raise SupervisorError(f"port {spec.port} is already allocated to slot {other.name}")
+    if not port_is_free(spec.port):
+        raise SupervisorError(f"port {spec.port} on 127.0.0.1 is already in use")

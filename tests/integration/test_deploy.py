@@ -7,13 +7,10 @@ Without nginx these tests skip, except under CICD_REQUIRE_NGINX=1 (CI).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -30,6 +27,7 @@ from tests.support import (
     http_get,
     junit_xml,
     pipeline_writing_reports,
+    tear_down,
 )
 
 pytestmark = pytest.mark.slow  # Dagster jobs, services and nginx
@@ -87,15 +85,7 @@ def make_control(tmp_path: Path, nginx: str) -> Iterator[Callable[[str], Control
     yield make
     for config in made:
         for environment in config.environments:
-            env = environment_for(config, "app", environment)
-            env.down()
-            for state in env.target.all():
-                env.target.stop(state.name, timeout_s=5)
-                for pid in (state.pid, state.child_pid):
-                    if pid is not None:
-                        with suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-            env.router.stop()
+            tear_down(environment_for(config, "app", environment))
 
 
 @pytest.fixture

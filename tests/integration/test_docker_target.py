@@ -22,10 +22,9 @@ import time
 import uuid
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, suppress
 from pathlib import Path
-from typing import TypeVar
 
 import docker
 import pytest
@@ -44,27 +43,14 @@ from cicd_dagster.deploy.router import NginxRouter
 from cicd_dagster.deploy.strategies import Environment, Release
 from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceState, SupervisorError
 from tests.integration.test_strategies import SERVICE, answers, assert_consistent, deploy
-from tests.support import TrafficProbe, commit
+from tests.support import TrafficProbe, commit, eventually
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-T = TypeVar("T")
 
 SERVE = "exec python3 service.py"
 PROBES = ProbeConfig(timeout_s=1.0, interval_s=0.05, max_attempts=60, success_threshold=2)
 LABELS = {"cicd.repository": "shop-api", "cicd.environment": "prod", "cicd.commit": "c0ffee"}
-
-
-def eventually(check: Callable[[], T | None], within_s: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy (a deadline, not a timing assert)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s")
-        time.sleep(0.05)
 
 
 def healthy(state: ServiceState) -> bool:

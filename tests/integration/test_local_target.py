@@ -11,19 +11,16 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from cicd_dagster.deploy.health import ProbeConfig, wait_healthy
 from cicd_dagster.deploy.local import LocalSupervisor, free_port
 from cicd_dagster.deploy.target import ServiceSpec, ServiceState, SupervisorError
-
-T = TypeVar("T")
+from tests.support import eventually
 
 SERVICE = """\
 import os
@@ -57,18 +54,6 @@ def process_is_running(pid: int) -> bool:
 
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def eventually(check: Callable[[], T | None], within_s: float = 10.0) -> T:
-    """Poll `check` until it returns something truthy (a deadline, not a timing assert)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s")
-        time.sleep(0.02)
 
 
 def recorded_pids(state_dir: Path) -> set[int]:

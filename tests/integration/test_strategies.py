@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from cicd_dagster.deploy.health import ProbeConfig
 from cicd_dagster.deploy.local import LocalSupervisor, free_port
 from cicd_dagster.deploy.router import NginxRouter, RouterError
 from cicd_dagster.deploy.strategies import DeployOutcome, Environment, Release
-from tests.support import TrafficProbe, http_get
+from tests.support import TrafficProbe, http_get, tear_down
 
 # MODE good: 200 and VERSION on every path. unhealthy: /healthz answers 500.
 # flaky: /healthz is fine, but every odd-numbered other request answers 500 (half of
@@ -85,14 +83,7 @@ def make_environment(tmp_path: Path, nginx: str) -> Iterator[Callable[..., Envir
 
     yield make
     for env in made:
-        env.down()
-        for state in env.target.all():
-            env.target.stop(state.name, timeout_s=5)
-            for pid in (state.pid, state.child_pid):
-                if pid is not None:
-                    with suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        env.router.stop()
+        tear_down(env)
 
 
 @pytest.fixture
