@@ -300,7 +300,7 @@ class Environment:
     def in_rollback_window(self, release: Release) -> bool:
         """Whether a slot without traffic still runs `release`: deploying it (rollback)
         is then a switch of weights."""
-        return self._standby_slot(_Run(release, self._load())) is not None
+        return bool(self._standby_slots(_Run(release, self._load())))
 
     def end_expired_rollback_window(self, now: float | None = None) -> list[str]:
         """Stop the slots without traffic whose rollback window has passed (a slot at
@@ -359,9 +359,10 @@ class Environment:
             finally:
                 self._save(run.state)
 
-    def rollback(self, release: Release) -> DeployOutcome:
-        """Deploy an older release (the caller passes it) with blue-green semantics."""
-        return self.deploy(release, StrategyConfig(type="blue_green"))
+    def rollback(self, release: Release, replicas: int = 1) -> DeployOutcome:
+        """Deploy an older release (the caller passes it) with blue-green semantics: its
+        slots still in the rollback window come back by a switch of weights."""
+        return self.deploy(release, StrategyConfig(type="blue_green", replicas=replicas))
 
     def down(self) -> None:
         """Stop every slot and the router; the environment is empty afterwards."""
@@ -374,25 +375,31 @@ class Environment:
     # --- strategies ----------------------------------------------------------------------
 
     def _blue_green(self, run: _Run, strategy: StrategyConfig) -> DeployOutcome:
-        standby = self._standby_slot(run)
+        standby = self._standby_slots(run)[: strategy.replicas]
         self._end_rollback_window(run, keep=standby)
         old = run.serving()
+        new = self._reused(run, standby)
         try:
-            new = self._reused(run, standby) or self._start_verified(run, run.release)
+            while len(new) < strategy.replicas:
+                new.append(self._start_verified(run, run.release))
         except _Unhealthy as failure:
-            # No traffic ever reached the new slot: the old version never stopped serving.
+            # No traffic ever reached the new slots: the old version never stopped serving.
             run.failure_detected(str(failure))
+            for slot in new:
+                self._stop(run, slot)
             return run.rolled_back(str(failure))
-        self._route(run, [replace(new, weight=100), *(replace(s, weight=0) for s in old)])
+        self._route(
+            run, [*(replace(s, weight=100) for s in new), *(replace(s, weight=0) for s in old)]
+        )
         through_router = wait_healthy(self.router.url, self._probe_of(run.release))
         if not through_router.healthy:
             reason = f"health check through the router failed: {through_router.reason}"
             run.failure_detected(reason)
             self._serve_only(run, old)
             return run.rolled_back(reason)
-        run.log(f"{new.name} verified through {self.router.url}")
+        run.log(f"{', '.join(s.name for s in new)} verified through {self.router.url}")
         if self.rollback_window_s <= 0:
-            self._serve_only(run, [replace(new, weight=100)])
+            self._serve_only(run, [replace(s, weight=100) for s in new])
         # Otherwise the old slots stay, at weight 0, for the rollback window.
         return run.deployed()
 
@@ -414,13 +421,25 @@ class Environment:
         steps = strategy.steps or DEFAULT_CANARY_STEPS
         if steps[-1] != 100:
             steps = [*steps, 100]
+        canaries = [canary]
         for percent in steps:
-            # nginx weights are relative: share 100 - percent among the stable replicas.
+            if percent == 100:
+                # The whole load goes to the new version: at its full replica count.
+                try:
+                    while len(canaries) < strategy.replicas:
+                        canaries.append(self._start_verified(run, run.release))
+                except _Unhealthy as failure:
+                    reason = f"scaling the canary to {strategy.replicas} replicas: {failure}"
+                    run.failure_detected(reason)
+                    self._serve_only(run, stable)
+                    return run.rolled_back(reason)
+            # nginx weights are relative: share the percentages among the replicas.
             stable_weight = 0 if percent == 100 else max(1, (100 - percent) // len(stable))
+            canary_weight = max(1, percent // len(canaries))
             self._route(
                 run,
                 [
-                    replace(canary, weight=percent),
+                    *(replace(c, weight=canary_weight) for c in canaries),
                     *(replace(s, weight=stable_weight) for s in stable),
                 ],
             )
@@ -435,7 +454,7 @@ class Environment:
                 run.failure_detected(reason)
                 self._serve_only(run, stable)
                 return run.rolled_back(reason)
-        self._serve_only(run, [replace(canary, weight=100)])
+        self._serve_only(run, [replace(c, weight=100) for c in canaries])
         return run.deployed()
 
     def _rolling(self, run: _Run, strategy: StrategyConfig) -> DeployOutcome:
@@ -498,11 +517,15 @@ class Environment:
         run.state.slots.append(slot)
         return self._verified(run, slot, release)
 
-    def _verified(self, run: _Run, slot: Slot, release: Release) -> Slot:
-        """`slot` once it is healthy on its own port and passed the smoke test; an
-        unhealthy slot is stopped and _Unhealthy raised."""
+    def _verified(self, run: _Run, slot: Slot, release: Release, probes: int | None = None) -> Slot:
+        """`slot` once it is healthy on its own port (`probes` 2xx in a row; default: the
+        environment's success threshold) and passed the smoke test; an unhealthy slot is
+        stopped and _Unhealthy raised."""
         url = f"http://127.0.0.1:{slot.port}"
-        health = wait_healthy(url, self._probe_of(release), stop=lambda: self._gave_up(slot.name))
+        probe = self._probe_of(release)
+        if probes is not None:
+            probe = replace(probe, success_threshold=probes)
+        health = wait_healthy(url, probe, stop=lambda: self._gave_up(slot.name))
         if not health.healthy:
             self._stop(run, slot)
             raise _Unhealthy(
@@ -552,32 +575,30 @@ class Environment:
     def _probe_of(self, release: Release) -> ProbeConfig:
         return replace(self.probe, path=release.health_path)
 
-    def _reused(self, run: _Run, standby: Slot | None) -> Slot | None:
-        """The standby slot if it is still healthy (a rollback within the window is then
-        a switch of weights); a standby that died is stopped and None returned."""
-        if standby is None:
-            return None
-        run.log(f"reuse {standby.name} from the rollback window")
-        try:
-            return self._verified(run, standby, run.release)
-        except _Unhealthy as failure:
-            run.log(f"{failure}; starting a new slot instead")
-            return None
+    def _reused(self, run: _Run, standby: list[Slot]) -> list[Slot]:
+        """The standby slots that still answer (a rollback within the window is then a
+        switch of weights); one that died is stopped and left out. They were verified
+        when they were deployed: one 2xx each is enough now."""
+        alive = []
+        for slot in standby:
+            run.log(f"reuse {slot.name} from the rollback window")
+            try:
+                alive.append(self._verified(run, slot, run.release, probes=1))
+            except _Unhealthy as failure:
+                run.log(f"{failure}; starting a new slot instead")
+        return alive
 
-    def _standby_slot(self, run: _Run) -> Slot | None:
-        """A slot without traffic (the rollback window) that runs exactly the release
-        being deployed, if there is one."""
+    def _standby_slots(self, run: _Run) -> list[Slot]:
+        """The slots without traffic (the rollback window) that run exactly the release
+        being deployed."""
         known = run.state.releases.get(run.release.version)
         if known is None or not known.runs_like(run.release):
-            return None
-        return next(
-            (
-                slot
-                for slot in run.state.slots
-                if slot.weight == 0 and slot.version == run.release.version
-            ),
-            None,
-        )
+            return []
+        return [
+            slot
+            for slot in run.state.slots
+            if slot.weight == 0 and slot.version == run.release.version
+        ]
 
     def _gave_up(self, name: str) -> bool:
         state = self.target.status(name)
@@ -621,9 +642,9 @@ class Environment:
         for slot in others:
             self._stop(run, slot)
 
-    def _end_rollback_window(self, run: _Run, keep: Slot | None = None) -> None:
+    def _end_rollback_window(self, run: _Run, keep: list[Slot] | None = None) -> None:
         for slot in run.state.slots:
-            if slot.weight == 0 and slot != keep:
+            if slot.weight == 0 and slot not in (keep or []):
                 self._stop(run, slot)
 
     def _stop_all(self, run: _Run) -> None:

@@ -246,6 +246,43 @@ def test_canary_with_a_good_version_is_promoted(
     assert_consistent(environment)
 
 
+def test_blue_green_and_canary_keep_the_replica_count_and_a_rollback_brings_all_back(
+    environment: Environment, service_dir: Path
+) -> None:
+    v1 = release(service_dir, "v1")
+    assert deploy(environment, v1, "blue_green", replicas=2).status == "deployed"
+    assert environment.router.weights() == {"prod.v1.0": 100, "prod.v1.1": 100}
+
+    v2 = release(service_dir, "v2")
+    assert deploy(environment, v2, "blue_green", replicas=2).status == "deployed"
+    assert environment.router.weights() == {
+        "prod.v2.0": 100,
+        "prod.v2.1": 100,
+        "prod.v1.0": 0,
+        "prod.v1.1": 0,
+    }
+    traffic = TrafficProbe(environment.router.url)
+    traffic.start()
+    try:
+        back = environment.rollback(v1, replicas=2)
+    finally:
+        traffic.finish()
+    assert back.status == "deployed", back
+    # Both standby replicas come back by weights alone: no new slot, no failed request.
+    assert sum("reuse prod.v1." in event for event in back.events) == 2
+    assert not any(" start prod." in event for event in back.events)
+    assert traffic.failures == []
+    assert answers(environment) == Counter({"v1": 20})
+
+    v3 = release(service_dir, "v3")
+    outcome = deploy(environment, v3, "canary", replicas=2, steps=[50, 100])
+    assert outcome.status == "deployed", outcome
+    # One canary through the steps, its second replica started before taking all traffic.
+    assert environment.router.weights() == {"prod.v3.0": 100, "prod.v3.1": 100}
+    assert answers(environment) == Counter({"v3": 20})
+    assert_consistent(environment)
+
+
 def test_rolling_replaces_replicas_and_stops_at_the_first_bad_one(
     environment: Environment, service_dir: Path
 ) -> None:
