@@ -4,6 +4,7 @@ Each materializes the stage's report and answers its quality gates as blocking a
 checks, so a failed gate stops everything downstream in the run.
 """
 
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from dagster import (
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
+    PreviewWarning,
     asset,
 )
 
@@ -39,6 +41,26 @@ GATE_DESCRIPTIONS = {
 }
 
 
+def gate_specs(
+    key: AssetKey, stage: str, partitions: DynamicPartitionsDefinition
+) -> list[AssetCheckSpec]:
+    """The stage's gates as blocking checks, recorded per commit (partitions_def), not as
+    one result for all commits. That argument is a Dagster preview: its warning is known
+    and silenced here, so it does not fill every CLI run and daemon log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PreviewWarning)
+        return [
+            AssetCheckSpec(
+                name,
+                asset=key,
+                blocking=True,
+                partitions_def=partitions,
+                description=GATE_DESCRIPTIONS[name],
+            )
+            for name in GATES_BY_STAGE[stage]
+        ]
+
+
 def report_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition, stage: str
 ) -> AssetsDefinition:
@@ -51,17 +73,7 @@ def report_asset(
         partitions_def=partitions,
         kinds={"pytest"} if stage != "performance" else {"pytest", "benchmark"},
         description=f"The {stage} test report of the commit.",
-        check_specs=[
-            # partitions_def records each gate per commit, not one result for all commits.
-            AssetCheckSpec(
-                name,
-                asset=key,
-                blocking=True,
-                partitions_def=partitions,
-                description=GATE_DESCRIPTIONS[name],
-            )
-            for name in GATES_BY_STAGE[stage]
-        ],
+        check_specs=gate_specs(key, stage, partitions),
     )
     def tests(
         context: AssetExecutionContext, cicd: CicdResource

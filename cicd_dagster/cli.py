@@ -281,7 +281,13 @@ def _emit(frame: pd.DataFrame, output: OutputFormat) -> None:
             table.add_column(str(column))
         for row in frame.itertuples(index=False):
             table.add_row(*("" if pd.isna(v) else str(v) for v in row))
-        Console().print(table)
+        _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    console = Console()
+    # Piped or captured: no terminal to fit, so print whole lines rather than wrapped cells.
+    (console if console.is_terminal else Console(width=240)).print(table)
 
 
 RepoOption = Annotated[str | None, typer.Option("--repo", help="only this repository")]
@@ -507,9 +513,7 @@ def status(
             str(s.replicas) if s.commit else "",
             incident,
         )
-    console = Console()
-    # Piped or captured: no terminal to fit, so print whole lines rather than wrapped cells.
-    (console if console.is_terminal else Console(width=240)).print(table)
+    _print_table(table)
 
 
 @history_app.command("incidents")

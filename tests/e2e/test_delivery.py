@@ -85,7 +85,7 @@ def break_the_app(repo: Path) -> str:
     )
 
 
-@pytest.fixture(params=["local", "docker"])
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
 def delivery(request: pytest.FixtureRequest, tmp_path: Path, nginx: str) -> Iterator[Path]:
     if request.param == "docker":
         request.getfixturevalue("base_image")
