@@ -9,6 +9,12 @@ about a slot is on the container: its labels say which target (cicd.scope), slot
 commit). An engine started with --live-restore keeps the containers running while it is
 down, so a deploy interrupted by the engine leaves the previous version serving.
 
+A slot's output is read through the engine (it may keep it in any log driver), with the
+engine's timestamp of each line: a log cursor is the timestamp of the last line read.
+(The engine stamps stdout and stderr lines apiece before it stores them, so a line of
+one stream stored within microseconds after a later-stamped line of the other, and read
+in between, would be passed over; the engine's own `since` has the same limit.)
+
 build_release_image builds the image a release runs: the repository's Dockerfile, or a
 generated one on a base image that copies the checkout to /app and installs the build's
 wheels into a venv.
@@ -35,6 +41,8 @@ from docker.utils.build import match_tag, tar
 
 from cicd_dagster.deploy.target import (
     ACTIVE_STATUSES,
+    Limits,
+    LogChunk,
     ServiceSpec,
     ServiceState,
     ServiceStatus,
@@ -53,6 +61,9 @@ _LOG_CONFIG = LogConfig(type="json-file", config={"max-size": "10m", "max-file":
 # Never in a build context, whatever the repository's .dockerignore says.
 _ALWAYS_IGNORED = [".git"]
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+# The engine's log timestamps (RFC 3339, UTC, always 9 decimals): they sort as text.
+_LOG_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z")
+_MIB = 1024 * 1024
 
 
 class ImageBuildError(RuntimeError):
@@ -154,6 +165,41 @@ class DockerTarget:
             output: bytes = container.logs(stdout=True, stderr=True, tail=max_lines)
             return output.decode("utf-8", errors="replace").rstrip("\n")
 
+    def log_since(self, name: str, cursor: str | None, max_bytes: int) -> LogChunk:
+        """The container's output after the timestamp `cursor`, a mark after each line
+        (the engine splits lines over 16 KiB in parts of one timestamp: a mark inside
+        such a line resumes after all of it)."""
+        if cursor is not None and not _LOG_TIMESTAMP.fullmatch(cursor):
+            cursor = None  # not this target's (the slot ran on another): from the start
+        with self._engine(name, "read the log of"):
+            container = self._container(name)
+            if container is None:
+                return LogChunk(b"", cursor)
+            frames = container.logs(
+                stdout=True,
+                stderr=True,
+                timestamps=True,
+                stream=True,
+                follow=False,
+                # Whole seconds: the lines of cursor's second up to it are skipped below.
+                since=_epoch_second(cursor) if cursor is not None else None,
+            )
+            data = bytearray()
+            marks: list[tuple[int, str]] = []
+            try:
+                for frame in frames:
+                    stamp, _, line = frame.partition(b" ")
+                    timestamp = stamp.decode("ascii", errors="replace")
+                    if cursor is not None and timestamp <= cursor:
+                        continue
+                    data += line
+                    marks.append((len(data), timestamp))
+                    if len(data) >= max_bytes:
+                        break
+            finally:
+                frames.close()
+        return LogChunk(bytes(data), cursor, tuple(marks))
+
     def close(self) -> None:
         """Close the connection to the engine (a later call opens a new one)."""
         if self._client is not None:
@@ -225,6 +271,8 @@ class DockerTarget:
             log_path=Path(attrs["LogPath"]),
             # The engine resets ExitCode when the container runs again.
             exit_code=None if running or state["Status"] == "created" else state["ExitCode"],
+            image=attrs["Config"]["Image"],
+            limits=_container_limits(attrs["HostConfig"]),
         )
 
 
@@ -271,6 +319,24 @@ def _limits(spec: ServiceSpec) -> dict[str, Any]:
         count = limits.max_open_files
         options["ulimits"] = [Ulimit(name="nofile", soft=count, hard=count)]
     return options
+
+
+def _container_limits(host: dict[str, Any]) -> Limits:
+    """The limits in force on a container (as `docker update` may have changed them)."""
+    memory = host.get("Memory") or 0
+    nano_cpus = host.get("NanoCpus") or 0
+    open_files = [u["Soft"] for u in host.get("Ulimits") or [] if u["Name"] == "nofile"]
+    return Limits(
+        memory_mb=memory // _MIB if memory else None,
+        cpus=nano_cpus / 1e9 if nano_cpus else None,
+        max_open_files=open_files[0] if open_files else None,
+    )
+
+
+def _epoch_second(timestamp: str) -> int:
+    """The whole second of an engine log timestamp, as the engine's `since` takes it."""
+    second = datetime.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return int(second.timestamp())
 
 
 def _iso_seconds(timestamp: str) -> str:

@@ -3,15 +3,17 @@
 plan() compares it with what runs and lists the changes that would make them agree;
 apply() makes them, idempotently, so that a plan right after an apply is empty. What runs
 is read from the environments' state folders (their live slots and releases), the
-targets (which slots run, and, locally, with which rlimits) and the routers (nginx
-running, with the weights of the state).
+targets (which slots run, with which limits, and on docker which image) and the routers
+(nginx running, with the weights of the state).
 
 plan() changes nothing: an environment never provisioned shows its folder and port as
 "create", and applying provisions them as a deploy would (environment_for).
 
 Drift is a change to something that was provisioned: a slot gone, crashed or changed by
-hand (its rlimits), a router stopped or reconfigured, a slot or environment that runs
-without cicd.yaml knowing it. Folders and ports not yet provisioned are not drift.
+hand (its limits, its container's image), a router stopped or reconfigured, a slot or
+environment that runs without cicd.yaml knowing it (an environment removed from it still
+runs on the target its release ran on). Folders and ports not yet provisioned are not
+drift.
 """
 
 from __future__ import annotations
@@ -20,17 +22,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cicd_dagster.config import ControlConfig, EnvironmentConfig
+from cicd_dagster.config import ControlConfig, EnvironmentConfig, TargetConfig
+from cicd_dagster.deploy.layout import environment_dir, router_dir, services_dir
 from cicd_dagster.deploy.local import LocalSupervisor
 from cicd_dagster.deploy.router import NginxRouter, RouterError, find_nginx
 from cicd_dagster.deploy.strategies import Environment
-from cicd_dagster.deploy.target import ACTIVE_STATUSES, Limits, ServiceStatus, ServiceTarget
+from cicd_dagster.deploy.target import (
+    ACTIVE_STATUSES,
+    Limits,
+    ServiceStatus,
+    ServiceTarget,
+    SupervisorError,
+)
 from cicd_dagster.stages.deploy import environment_for
 
 Action = Literal["create", "update", "delete", "restart"]
-Resource = Literal["folder", "port", "router", "slot", "limits", "environment"]
+Resource = Literal["folder", "port", "router", "slot", "limits", "image", "environment"]
 _PROVISIONING: frozenset[Resource] = frozenset({"folder", "port"})
-_MIB = 1024 * 1024
+# Repaired by restarting the slot from its release.
+_SLOT_REPAIRS: frozenset[Resource] = frozenset({"slot", "limits", "image"})
 
 
 @dataclass(frozen=True)
@@ -50,29 +60,14 @@ class Change:
         return {**asdict(self), "drift": self.is_drift}
 
 
-# --- where things live (as stages.deploy.environment_for lays them out) -------------------
-
-
-def state_dir(config: ControlConfig, repository: str, environment: str) -> Path:
-    return config.home / "environments" / repository / environment
-
-
-def router_root(config: ControlConfig, repository: str, environment: str) -> Path:
-    return config.home / "routers" / f"{repository}-{environment}"
-
-
-def services_dir(config: ControlConfig, repository: str) -> Path:
-    return config.home / "services" / repository
-
-
 def existing_environment(
     config: ControlConfig, repository: str, environment: EnvironmentConfig
 ) -> Environment | None:
     """The environment if it was ever provisioned (a state folder or a router port), else
     None: unlike environment_for, this allocates nothing."""
     provisioned = (
-        state_dir(config, repository, environment.name).is_dir()
-        or (router_root(config, repository, environment.name) / "port").is_file()
+        environment_dir(config.home, repository, environment.name).is_dir()
+        or (router_dir(config.home, repository, environment.name) / "port").is_file()
     )
     return environment_for(config, repository, environment) if provisioned else None
 
@@ -86,7 +81,10 @@ class ObservedSlot:
     weight: int
     status: ServiceStatus | None  # None: the target has no such slot
     wanted: Limits  # the release's
-    found: Limits | None = None  # the running process's, when the target can tell
+    found: Limits | None = None  # in force on what runs, when the target can tell
+    image: str | None = None  # the release's (docker)
+    found_image: str | None = None  # the container's
+    unreadable: str | None = None  # why the target cannot tell the slot's state
 
 
 @dataclass(frozen=True)
@@ -129,10 +127,21 @@ def diff(observed: ObservedEnvironment) -> list[Change]:
             changes.append(change("delete", "router", url, "router runs but no version is live"))
         return changes
     for slot in observed.slots:
-        if slot.status is None:
+        if slot.unreadable is not None:
+            changes.append(change("restart", "slot", slot.name, slot.unreadable))
+        elif slot.status is None:
             changes.append(change("create", "slot", slot.name, "live slot missing on the target"))
         elif slot.status not in ACTIVE_STATUSES:
             changes.append(change("restart", "slot", slot.name, f"live slot is {slot.status}"))
+        elif slot.image is not None and slot.found_image != slot.image:
+            changes.append(
+                change(
+                    "update",
+                    "image",
+                    slot.name,
+                    f"runs image {slot.found_image}, the release's is {slot.image}",
+                )
+            )
         elif slot.found is not None and _limits_differ(slot.wanted, slot.found):
             changes.append(
                 change(
@@ -201,28 +210,34 @@ def _limits_text(limits: Limits) -> str:
 def _observe(
     config: ControlConfig, repository: str, name: str, env: Environment | None, configured: bool
 ) -> ObservedEnvironment:
-    folder = state_dir(config, repository, name)
-    port_file = router_root(config, repository, name) / "port"
+    folder = environment_dir(config.home, repository, name)
+    port_file = router_dir(config.home, repository, name) / "port"
     port = int(port_file.read_text()) if port_file.is_file() else None
     if env is None:
         return ObservedEnvironment(
             repository, name, configured, folder, folder.is_dir(), port, None
         )
     release = env.current_release()
-    local = isinstance(env.target, LocalSupervisor)
+    wanted = release.limits if release is not None else Limits()
     slots = []
     for slot in env.slots():
-        status = env.target.status(slot.name)
-        # Limits are compared for the current release's slots; a standby slot of the
-        # previous one ran with that release's.
-        compare = local and release is not None and slot.version == release.version
+        try:
+            status = env.target.status(slot.name)
+        except SupervisorError as error:  # e.g. its container name taken by another one
+            slots.append(ObservedSlot(slot.name, slot.weight, None, wanted, unreadable=str(error)))
+            continue
+        # What runs is compared for the current release's slots; a standby slot of the
+        # previous one runs that release.
+        current = status is not None and release is not None and slot.version == release.version
         slots.append(
             ObservedSlot(
                 slot.name,
                 slot.weight,
                 status.status if status is not None else None,
-                wanted=release.limits if release is not None else Limits(),
-                found=process_limits(status.child_pid) if compare and status is not None else None,
+                wanted=wanted,
+                found=status.limits if current and status is not None else None,
+                image=release.image if current and release is not None else None,
+                found_image=status.image if current and status is not None else None,
             )
         )
     try:
@@ -242,29 +257,6 @@ def _observe(
         router_running=env.router.running(),
         router_weights=weights,
         slots=slots,
-    )
-
-
-def process_limits(pid: int | None) -> Limits | None:
-    """The rlimits of a live local process as Limits (soft values), None if it is gone."""
-    if pid is None:
-        return None
-    try:
-        lines = Path(f"/proc/{pid}/limits").read_text().splitlines()
-    except OSError:
-        return None
-
-    def soft(prefix: str) -> int | None:
-        for line in lines:
-            if line.startswith(prefix):
-                value = line[len(prefix) :].split()[0]
-                return None if value == "unlimited" else int(value)
-        return None
-
-    address_space = soft("Max address space")
-    return Limits(
-        memory_mb=address_space // _MIB if address_space is not None else None,
-        max_open_files=soft("Max open files"),
     )
 
 
@@ -296,21 +288,27 @@ def _known_environments(config: ControlConfig) -> list[_Known]:
         names = {e.name for e in configured}
         for path in sorted(root.iterdir()) if root.is_dir() else []:
             if path.is_dir() and path.name not in names:
-                # Its config is gone: it ran on the local target (the default) if anywhere.
-                leftover = EnvironmentConfig(name=path.name)
-                known.append(
-                    _Known(
-                        repository, path.name, environment_for(config, repository, leftover), False
-                    )
-                )
+                leftover = _leftover_environment(config, repository, path.name)
+                known.append(_Known(repository, path.name, leftover, False))
     return known
+
+
+def _leftover_environment(config: ControlConfig, repository: str, name: str) -> Environment:
+    """An environment whose config is gone, on the target its live release ran on: docker
+    if the release has an image, else local (the default)."""
+    env = environment_for(config, repository, EnvironmentConfig(name=name))
+    release = env.current_release()
+    if release is not None and release.image is not None:
+        docker = EnvironmentConfig(name=name, target=TargetConfig(type="docker"))
+        env = environment_for(config, repository, docker)
+    return env
 
 
 def _targets(config: ControlConfig, known: list[_Known]) -> dict[str, list[ServiceTarget]]:
     """Per repository, every target its slots may run on (its local folder at least)."""
     targets: dict[str, dict[str, ServiceTarget]] = {}
     for entry in known:
-        local = LocalSupervisor(services_dir(config, entry.repository))
+        local = LocalSupervisor(services_dir(config.home, entry.repository))
         targets.setdefault(entry.repository, {f"LocalSupervisor:{local.state_dir}": local})
         if entry.env is not None:
             target = entry.env.target
@@ -365,7 +363,7 @@ def apply(config: ControlConfig) -> list[Change]:
         if env is None or any(c.resource in _PROVISIONING for c in todo):
             env = environment_for(config, repository, config.environment(name))  # the port
             env.state_dir.mkdir(parents=True, exist_ok=True)
-        repair = [c.name for c in todo if c.resource in ("slot", "limits") and c.action != "delete"]
+        repair = [c.name for c in todo if c.resource in _SLOT_REPAIRS and c.action != "delete"]
         if repair:
             env.restart_slots(repair)
         router = [c for c in todo if c.resource == "router"]

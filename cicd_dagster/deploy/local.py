@@ -11,7 +11,8 @@ in the state folder as files named after it:
                   deleted by the supervisor as soon as it has read it
     <name>.lock   serializes start and stop of the slot across processes
 
-The folder belongs to one LocalSupervisor: every *.json in it is taken for a slot.
+The folder belongs to one LocalSupervisor: every *.json in it is taken for a slot. A
+log's cursors (log_since) are byte offsets: the log is only ever appended to.
 
 Pids are recorded with their start time (from /proc, so this target is Linux only): a pid
 the kernel has since given to an unrelated process is never taken for the slot's, and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +36,8 @@ from pathlib import Path
 
 from cicd_dagster.deploy.target import (
     ACTIVE_STATUSES,
+    Limits,
+    LogChunk,
     ServiceSpec,
     ServiceState,
     SupervisorError,
@@ -46,6 +50,9 @@ _POLL_INTERVAL_S = 0.02
 # SIGKILL is not refused, but a process blocked in the kernel dies only when it returns.
 _KILL_WAIT_S = 5.0
 _LOG_TAIL_BYTES = 64 * 1024
+_MIB = 1024 * 1024
+# Observed on the running process, never recorded in a state file.
+_OBSERVED = ("image", "limits")
 # The folder holding the cicd_dagster package, so the supervisor imports the same code.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,6 +168,24 @@ class LocalSupervisor:
             return ""
         return "\n".join(text.splitlines()[-max_lines:])
 
+    def log_since(self, name: str, cursor: str | None, max_bytes: int) -> LogChunk:
+        """The slot's log from byte offset `cursor` on (from the start if the log is now
+        shorter: it was replaced)."""
+        log = SlotFiles.of(self.state_dir, name).log
+        offset = int(cursor) if cursor is not None and cursor.isdigit() else 0
+        try:
+            with log.open("rb") as handle:
+                if os.fstat(handle.fileno()).st_size < offset:
+                    offset = 0
+                handle.seek(offset)
+                data = handle.read(max_bytes)
+        except FileNotFoundError:
+            return LogChunk(b"", cursor)
+        ends = [newline.end() for newline in re.finditer(b"\n", data)]
+        if data and ends[-1:] != [len(data)]:
+            ends.append(len(data))
+        return LogChunk(data, str(offset), tuple((end, str(offset + end)) for end in ends))
+
     def _check_can_start(self, spec: ServiceSpec) -> None:
         if spec.image is not None:
             raise SupervisorError(f"slot {spec.name}: a local target runs no image")
@@ -208,7 +233,7 @@ def now_iso() -> str:
 def write_state(path: Path, state: ServiceState) -> None:
     """Replace the state file atomically, recording each pid's start time with it."""
     data = {
-        **asdict(state),
+        **{key: value for key, value in asdict(state).items() if key not in _OBSERVED},
         "log_path": str(state.log_path),
         "pid_started": _start_time(state.pid),
         "child_pid_started": _start_time(state.child_pid),
@@ -250,11 +275,13 @@ class _Record:
         status = self.state.status
         if status in ACTIVE_STATUSES and not supervisor_alive:
             status = "crashed"
+        child_pid = self.state.child_pid if self.is_ours(self.state.child_pid) else None
         return replace(
             self.state,
             status=status,
             pid=self.state.pid if supervisor_alive else None,
-            child_pid=self.state.child_pid if self.is_ours(self.state.child_pid) else None,
+            child_pid=child_pid,
+            limits=process_limits(child_pid),
         )
 
 
@@ -272,6 +299,29 @@ def _read_record(path: Path) -> _Record:
     if state.child_pid is not None:
         started[state.child_pid] = child_pid_started
     return _Record(state, started)
+
+
+def process_limits(pid: int | None) -> Limits | None:
+    """The rlimits of a live process as Limits (soft values), None if it is gone."""
+    if pid is None:
+        return None
+    try:
+        lines = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    except OSError:
+        return None
+
+    def soft(prefix: str) -> int | None:
+        for line in lines:
+            if line.startswith(prefix):
+                value = line[len(prefix) :].split()[0]
+                return None if value == "unlimited" else int(value)
+        return None
+
+    address_space = soft("Max address space")
+    return Limits(
+        memory_mb=address_space // _MIB if address_space is not None else None,
+        max_open_files=soft("Max open files"),
+    )
 
 
 def _start_time(pid: int | None) -> int | None:

@@ -2,7 +2,8 @@
 services' logs, and incidents from the first failed probe until the first healthy check.
 
 observe() is what the deployment-health sensor calls on every tick. Sensors keep nothing
-in memory between ticks, so how far each slot's log has been scanned is kept in the
+in memory between ticks, so how far each slot's output has been scanned (the target's log
+cursor: a byte offset locally, the engine's timestamp on docker) is kept in the
 environment's state folder (monitor.json); whether an incident is open is the history
 DB's to say.
 """
@@ -252,41 +253,31 @@ def observe(
     return replace(observation, errors=errors, incident=incident)
 
 
-def scan_slot_logs(env: Environment) -> list[ServiceError]:
-    """The tracebacks each live slot logged since the last scan; the offsets reached are
-    saved in the environment's state folder."""
-    offsets_path = env.state_dir / "monitor.json"
+def scan_slot_logs(env: Environment, max_bytes: int = _MAX_SCAN_BYTES) -> list[ServiceError]:
+    """The tracebacks each live slot logged since the last scan, read through its target;
+    the cursors reached are saved in the environment's state folder."""
+    cursors_path = env.state_dir / "monitor.json"
     try:
-        offsets: dict[str, int] = json.loads(offsets_path.read_text())["log_offsets"]
+        cursors: dict[str, str] = json.loads(cursors_path.read_text())["log_cursors"]
     except (OSError, ValueError, KeyError):
-        offsets = {}
+        cursors = {}
     errors: list[ServiceError] = []
     for slot in env.slots():
-        state = env.target.status(slot.name)
-        log = state.log_path if state is not None else None
-        if log is None or not log.is_file():
-            continue  # a target that keeps no log file (docker: docker logs)
-        offset = offsets.get(slot.name, 0)
-        size = log.stat().st_size
-        if size < offset:
-            offset = 0  # the log was truncated or replaced
-        with log.open("rb") as handle:
-            handle.seek(offset)
-            data = handle.read(_MAX_SCAN_BYTES)
-        tracebacks, consumed = scan_tracebacks(data)
-        if consumed == 0 and len(data) == _MAX_SCAN_BYTES:
-            consumed = len(data)  # a "traceback" that large is not one worth waiting for
-        offsets[slot.name] = offset + consumed
+        chunk = env.target.log_since(slot.name, cursors.get(slot.name), max_bytes)
+        tracebacks, consumed = scan_tracebacks(chunk.data)
+        if consumed == 0 and len(chunk.data) >= max_bytes:
+            consumed = len(chunk.data)  # a "traceback" that large is not one worth waiting for
+        cursor = chunk.cursor_after(consumed)
+        if cursor is not None:
+            cursors[slot.name] = cursor
         errors.extend(ServiceError(slot.name, traceback) for traceback in tracebacks)
-    # Slots whose log is gone will not be scanned again.
-    kept = {name: n for name, n in offsets.items() if _log_exists(env, name)}
-    _write_atomically(offsets_path, json.dumps({"log_offsets": kept}, indent=2) + "\n")
+    # A slot the target no longer has will not be scanned again (docker: a container of
+    # that name later is a new one, with a new log); locally its log stays and so does
+    # its offset, so that a slot started again under that name is not scanned twice.
+    known = {state.name for state in env.target.all()}
+    kept = {name: cursor for name, cursor in cursors.items() if name in known}
+    _write_atomically(cursors_path, json.dumps({"log_cursors": kept}, indent=2) + "\n")
     return errors
-
-
-def _log_exists(env: Environment, slot: str) -> bool:
-    state = env.target.status(slot)
-    return state is not None and Path(state.log_path).is_file()
 
 
 def _slots_running(env: Environment) -> tuple[int, int]:

@@ -7,6 +7,7 @@ works the same on local processes (local.LocalSupervisor) and Docker containers
 
 from __future__ import annotations
 
+import bisect
 import re
 import socket
 from collections.abc import Iterable
@@ -83,8 +84,29 @@ class ServiceState:
     status: ServiceStatus
     restarts: int
     started_at: str  # ISO 8601, when the slot was started (not reset by restarts)
-    log_path: Path
+    log_path: Path  # where the output is kept (docker: the engine's file); read log_since
     exit_code: int | None  # of the service's last exit, shell style (128+N: signal N)
+    # Observed, never recorded: docker: the container's image and limits; local: no
+    # image, the rlimits of the service process (None while none runs).
+    image: str | None = None
+    limits: Limits | None = None
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """A slot's output read from a cursor on (cursors are the target's, opaque strings
+    that survive the process: local: byte offsets, docker: the engine's timestamps)."""
+
+    data: bytes
+    start: str | None  # the cursor it was read from (None: the start of the output)
+    marks: tuple[tuple[int, str], ...] = ()
+    """(n, cursor) in ascending n: reading from `cursor` gives what follows data[:n]."""
+
+    def cursor_after(self, consumed: int) -> str | None:
+        """Where to read next once data[:consumed] is done with: after the last mark
+        within it (a line only partly consumed is read again)."""
+        index = bisect.bisect_right(self.marks, consumed, key=lambda mark: mark[0])
+        return self.marks[index - 1][1] if index else self.start
 
 
 class ServiceTarget(Protocol):
@@ -109,6 +131,12 @@ class ServiceTarget(Protocol):
 
     def log_tail(self, name: str, max_lines: int = 40) -> str:
         """The last lines of the slot's output ("" if there is none)."""
+        ...
+
+    def log_since(self, name: str, cursor: str | None, max_bytes: int) -> LogChunk:
+        """The slot's output (stdout and stderr, across restarts) after `cursor`: about
+        max_bytes of it (a target may finish the line that reaches it), with a mark at
+        each line end and at its end; empty for an unknown slot."""
         ...
 
 

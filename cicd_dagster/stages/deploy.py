@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cicd_dagster.config import ControlConfig, EnvironmentConfig, PipelineConfig
+from cicd_dagster.deploy import layout
 from cicd_dagster.deploy.docker import (
     APP_DIR,
     DockerTarget,
@@ -63,7 +64,7 @@ def environment_for(
     """The environment `environment` of `repository` on its target, with its stable router
     port (allocated once, kept in home/routers/<repo>-<env>/port)."""
     home = config.home
-    router_root = home / "routers" / f"{repository}-{environment.name}"
+    router_root = layout.router_dir(home, repository, environment.name)
     router_root.mkdir(parents=True, exist_ok=True)
     port_file = router_root / "port"
     with file_lock(router_root / "port.lock"):
@@ -71,14 +72,11 @@ def environment_for(
             port_file.write_text(f"{free_port()}\n")
         port = int(port_file.read_text())
     router = NginxRouter(router_root, port, nginx=find_nginx() or "nginx")
-    # Slot names are "<env>.<version>.<n>": one supervisor folder (or container scope) per
-    # repository. Container names are engine-wide, so the scope also names the home.
     target: ServiceTarget
     if environment.target.type == "docker":
-        home_id = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
-        target = DockerTarget(f"{repository}-{home_id}")
+        target = DockerTarget(layout.docker_scope(home, repository))
     else:
-        target = LocalSupervisor(home / "services" / repository)
+        target = LocalSupervisor(layout.services_dir(home, repository))
     verify = environment.verify
     probe = ProbeConfig(
         timeout_s=verify.timeout_s,
@@ -88,7 +86,7 @@ def environment_for(
     )
     return Environment(
         environment.name,
-        home / "environments" / repository / environment.name,
+        layout.environment_dir(home, repository, environment.name),
         router,
         target,
         probe,
@@ -368,7 +366,7 @@ def deploy_commit(
             config_digest=release.config_digest,
         )
     if env.in_rollback_window(release):
-        outcome = env.rollback(release)
+        outcome = env.rollback(release, environment.strategy.replicas)
     else:
         outcome = env.deploy(release, environment.strategy)
     outcome = replace(

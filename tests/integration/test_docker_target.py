@@ -129,6 +129,7 @@ def test_container_serves_the_slot_with_its_labels_and_logs(
     assert (running.status, running.restarts, running.exit_code) == ("running", 0, None)
     assert running.pid is not None and running.log_path.is_file()
     assert running.started_at == state.started_at
+    assert (running.image, running.limits) == (service_image, Limits())
     assert target.all() == [running]
     assert f"in /app on port {state.port}" in target.log_tail(state.name)
 
@@ -151,6 +152,43 @@ def test_container_serves_the_slot_with_its_labels_and_logs(
     target.stop(state.name)  # stopping an unknown slot is a no-op
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(container.id)
+
+
+def test_output_is_read_from_a_cursor_on_across_long_lines_and_both_streams(
+    target: DockerTarget, service_image: str, docker_client: docker.DockerClient
+) -> None:
+    # A 20000-character line: the engine keeps it as parts of one timestamp. (The order
+    # of lines written to stdout and stderr at once is the engine's: one stream at a time.)
+    command = (
+        "echo one; echo two; python3 -c 'print(\"x\" * 20000)'; echo three; "
+        "until [ -e /tmp/go ]; do sleep 0.05; done; echo four >&2; exec sleep 600"
+    )
+    state = target.start(spec(service_image, command=command))
+    everything = b"one\ntwo\n" + b"x" * 20000 + b"\nthree\n"
+    chunk = eventually(
+        lambda: (c := target.log_since(state.name, None, 2**20)).data == everything and c
+    )
+    assert chunk.start is None
+    ends = [end for end, _ in chunk.marks]
+    assert {4, 8, 20009, len(everything)} <= set(ends) and ends == sorted(ends)
+
+    after_two = chunk.cursor_after(8)
+    assert target.log_since(state.name, after_two, 2**20).data == everything[8:]
+    assert target.log_since(state.name, chunk.cursor_after(9), 2**20).data == everything[8:]
+    the_end = chunk.cursor_after(len(everything))
+    assert target.log_since(state.name, the_end, 2**20).data == b""
+    # Bounded: it stops at the line that reaches max_bytes.
+    assert target.log_since(state.name, None, 5).data == b"one\ntwo\n"
+
+    container = docker_client.containers.get(container_name(target.scope, state.name))
+    container.exec_run(["touch", "/tmp/go"])
+    later = eventually(lambda: (c := target.log_since(state.name, the_end, 2**20)).data and c)
+    assert later.data == b"four\n" and later.cursor_after(5) > the_end
+    # A cursor that is no timestamp of this engine (a local offset) reads from the start;
+    # a slot the target does not have has no output.
+    assert target.log_since(state.name, "8", 2**20).data == everything + b"four\n"
+    unknown = target.log_since("prod.gone.0", the_end, 2**20)
+    assert (unknown.data, unknown.cursor_after(0)) == (b"", the_end)
 
 
 def test_environment_values_never_reach_a_shell(target: DockerTarget, service_image: str) -> None:
@@ -207,6 +245,8 @@ def test_limits_are_set_on_the_container_and_enforced(
     assert host["NanoCpus"] == 500_000_000
     assert host["Ulimits"] == [{"Name": "nofile", "Soft": 256, "Hard": 256}]
     assert target.log_tail(state.name).splitlines()[0] == "256"
+    running = target.status(state.name)
+    assert running is not None and running.limits == limits
 
     hog = "python3 -c 'block = bytearray(256 * 2**20); print(len(block))'"
     greedy = target.start(

@@ -4,13 +4,8 @@ import os
 import resource
 from pathlib import Path
 
-from cicd_dagster.deploy.infra import (
-    ObservedEnvironment,
-    ObservedSlot,
-    diff,
-    orphans,
-    process_limits,
-)
+from cicd_dagster.deploy.infra import ObservedEnvironment, ObservedSlot, diff, orphans
+from cicd_dagster.deploy.local import process_limits
 from cicd_dagster.deploy.target import Limits
 
 LIMITS = Limits(memory_mb=512, max_open_files=256)
@@ -71,6 +66,33 @@ def test_slots_gone_crashed_or_with_other_limits_are_drift():
     ]
     assert all(change.is_drift for change in changes)
     assert "max_open_files=64" in changes[2].reason
+
+
+def test_a_container_of_another_image_is_drift_before_its_limits():
+    release = "cicd/shop:aaaaaaaaaaaa-0123456789ab"
+    slots = [
+        ObservedSlot("prod.a.0", 100, "running", LIMITS, LIMITS, release, release),
+        ObservedSlot("prod.a.1", 100, "running", LIMITS, Limits(), release, "busybox:latest"),
+    ]
+    changes = diff(live(slots=slots))
+    assert actions(changes) == [("update", "image", "prod.a.1")]
+    assert changes[0].is_drift
+    assert changes[0].reason == f"runs image busybox:latest, the release's is {release}"
+
+
+def test_a_slot_the_target_cannot_read_is_drift_with_the_reason():
+    reason = "slot prod.a.0: the container name cicd-x is taken by a container that is not ours"
+    slots = [
+        ObservedSlot("prod.a.0", 100, None, LIMITS, unreadable=reason),
+        ObservedSlot("prod.a.1", 100, "running", LIMITS),
+    ]
+    [change] = diff(live(slots=slots))
+    assert (change.action, change.resource, change.name, change.reason) == (
+        "restart",
+        "slot",
+        "prod.a.0",
+        reason,
+    )
 
 
 def test_limits_the_release_leaves_unset_are_not_compared():
