@@ -1,0 +1,1 @@
+"""Supply chain and security: SBOM, provenance, scanning; no Dagster in here."""
