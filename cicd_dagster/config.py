@@ -7,6 +7,7 @@ raised as a ConfigError naming the file, the 1-based line and the field, so a us
 it without reading this module.
 """
 
+import datetime
 import difflib
 import itertools
 import re
@@ -398,13 +399,19 @@ class LicensesConfig(_StrictModel):
 
 class SecurityConfig(_StrictModel):
     advisory_db: Path | None = None
+    """An OSV advisory folder (e.g. a checkout of pypa/advisory-database); None: no
+    dependency scanning."""
     fail_on: Literal["low", "medium", "high", "critical"] = "high"
     licenses: LicensesConfig = Field(default_factory=LicensesConfig)
+    signing_key: Path | None = None
+    """The ed25519 key that signs provenance; None: home/keys/signing.pem (created once)."""
+    rescan_schedule: str = "0 3 * * *"
+    """Cron schedule of the rescan of deployed and released artifacts."""
 
-    @field_validator("advisory_db")
+    @field_validator("advisory_db", "signing_key")
     @classmethod
-    def _resolve_advisory_db(cls, advisory_db: Path, info: ValidationInfo) -> Path:
-        return _resolve_path(advisory_db, _config_path(info).parent)
+    def _resolve_paths(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _resolve_path(path, _config_path(info).parent)
 
 
 class ControlConfig(_StrictModel):
@@ -595,6 +602,25 @@ class ServiceConfig(_StrictModel):
     port_env: EnvVarName = "PORT"
 
 
+class SuppressionConfig(_StrictModel):
+    """A finding accepted for a while: it is still reported, but no longer fails a gate."""
+
+    rule: str = Field(min_length=1)
+    """The rule, advisory id (or an alias such as a CVE) or licence it silences."""
+    path: str | None = None
+    """fnmatch pattern of the files it applies to (SAST and secrets); None: all."""
+    package: str | None = None
+    """The dependency it applies to (advisories and licences); None: all."""
+    reason: str = Field(min_length=1)
+    expires: datetime.date
+    """After this day the suppression no longer applies."""
+
+
+class PipelineSecurityConfig(_StrictModel):
+    sast: list[Literal["bandit", "ruff", "semgrep"]] = ["bandit"]
+    suppressions: list[SuppressionConfig] = []
+
+
 class PipelineConfig(_StrictModel):
     """.cicd.yml at the root of a watched repository."""
 
@@ -604,6 +630,7 @@ class PipelineConfig(_StrictModel):
     service: ServiceConfig | None = None
     env: dict[EnvVarName, EnvVarValue] = {}
     """Environment variables of every step."""
+    security: PipelineSecurityConfig = Field(default_factory=PipelineSecurityConfig)
 
 
 # --- loading -------------------------------------------------------------------------------
