@@ -2,9 +2,11 @@
 
 from dagster import AssetsDefinition, DynamicPartitionsDefinition
 
+from assets.artifact import artifact_assets
 from assets.build import build_asset
 from assets.deploy import deployment_assets
 from assets.drift import drift_checks
+from assets.security import security_asset
 from assets.source import source_asset
 from assets.tests import report_assets
 from cicd_dagster.config import RepositoryConfig
@@ -17,6 +19,8 @@ def ci_assets(
         source_asset(repository, partitions),
         build_asset(repository, partitions),
         *report_assets(repository, partitions),
+        security_asset(repository, partitions),
+        *artifact_assets(repository, partitions),
     ]
 
 

@@ -17,12 +17,12 @@ from dagster import (
     asset,
 )
 
+from assets.artifact import artifact_key
 from assets.common import stage_context
 from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageError
 from cicd_dagster.stages.deploy import deploy_commit, environment_for
-from cicd_dagster.stages.tests import TEST_STAGES
 
 TRIGGER_TAG = "cicd/trigger"
 ROLLBACK_TAG = "cicd/rollback"  # "true" on runs of `cicd rollback`
@@ -43,7 +43,8 @@ def deployment_asset(
     previous: EnvironmentConfig | None,
 ) -> AssetsDefinition:
     if previous is None:
-        deps = [AssetKey([repository.name, f"{stage}_tests"]) for stage in TEST_STAGES]
+        # Only a green commit has an artifact (it depends on every test report).
+        deps = [artifact_key(repository)]
     else:
         deps = [deployment_key(repository, previous)]
 

@@ -5,7 +5,7 @@ checks, so a failed gate stops everything downstream in the run.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,11 +42,11 @@ GATE_DESCRIPTIONS = {
 
 
 def gate_specs(
-    key: AssetKey, stage: str, partitions: DynamicPartitionsDefinition
+    key: AssetKey, gates: Mapping[str, str], partitions: DynamicPartitionsDefinition
 ) -> list[AssetCheckSpec]:
-    """The stage's gates as blocking checks, recorded per commit (partitions_def), not as
-    one result for all commits. That argument is a Dagster preview: its warning is known
-    and silenced here, so it does not fill every CLI run and daemon log."""
+    """Gates (name -> description) as blocking checks, recorded per commit (partitions_def),
+    not as one result for all commits. That argument is a Dagster preview: its warning is
+    known and silenced here, so it does not fill every CLI run and daemon log."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=PreviewWarning)
         return [
@@ -55,9 +55,9 @@ def gate_specs(
                 asset=key,
                 blocking=True,
                 partitions_def=partitions,
-                description=GATE_DESCRIPTIONS[name],
+                description=description,
             )
-            for name in GATES_BY_STAGE[stage]
+            for name, description in gates.items()
         ]
 
 
@@ -73,7 +73,9 @@ def report_asset(
         partitions_def=partitions,
         kinds={"pytest"} if stage != "performance" else {"pytest", "benchmark"},
         description=f"The {stage} test report of the commit.",
-        check_specs=gate_specs(key, stage, partitions),
+        check_specs=gate_specs(
+            key, {name: GATE_DESCRIPTIONS[name] for name in GATES_BY_STAGE[stage]}, partitions
+        ),
     )
     def tests(
         context: AssetExecutionContext, cicd: CicdResource

@@ -1,4 +1,4 @@
-"""The `cicd` command: validate, run, deploy, down, status, infra, history, ui, demo.
+"""The `cicd` command: validate, run, deploy, down, status, verify, infra, history, ui, demo.
 
 Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
 or configuration error.
@@ -34,6 +34,7 @@ from cicd_dagster.config import (
 from cicd_dagster.git import GitError, Mirror, ls_remote, select_refs
 from cicd_dagster.report import STAGES
 from cicd_dagster.store import HistoryStore
+from cicd_dagster.store.models import FINDING_KINDS
 
 if TYPE_CHECKING:
     from cicd_dagster.deploy.infra import Change
@@ -338,6 +339,39 @@ def history_deployments(
     _emit(frame, output)
 
 
+@history_app.command("scans")
+def history_scans(
+    repo: RepoOption = None,
+    commit: Annotated[
+        str | None, typer.Option("--commit", help="only this commit (a sha or its prefix)")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help=f"only this kind: {', '.join(FINDING_KINDS)}")
+    ] = None,
+    since: SinceOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per security finding per commit: rule, severity, where, suppressed or not."""
+    if kind is not None and kind not in FINDING_KINDS:
+        raise UsageError(f"--kind {kind!r}: use one of {', '.join(FINDING_KINDS)}")
+    history = HistoryStore(_config(config).history_db_url)
+    frame = history.findings(repository=repo, commit=commit, since=_since(since), kind=kind)
+    _emit(frame, output)
+
+
+@history_app.command("artifacts")
+def history_artifacts(
+    repo: RepoOption = None,
+    since: SinceOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per recorded artifact: commit, path, sha256 digest, size."""
+    history = HistoryStore(_config(config).history_db_url)
+    _emit(history.artifacts(repository=repo, since=_since(since)), output)
+
+
 def _environment(config: ControlConfig, name: str) -> tuple[int, EnvironmentConfig]:
     names = [e.name for e in config.environments]
     if name not in names:
@@ -446,6 +480,54 @@ def rollback(
         control, repo.name, environment.name, sha, stream_logs=verbose, rollback=True
     )
     _print_deployment(report, environment, as_json)
+
+
+@app.command()
+def verify(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    commit: Annotated[str, typer.Option(help="the commit: a full sha, or a ref to resolve")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="PEM public key to trust (default: home/keys/signing.pub)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Check a commit's signed provenance against its stored artifacts: the signature, the
+    commit, the builder and every digest; exit 0 verified, 1 not."""
+    from cicd_dagster.security.provenance import ProvenanceError, SigningKeyError
+    from cicd_dagster.stages.artifact import verify_commit
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    sha = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else _resolve(control, repo, commit)[1]
+    report: dict[str, Any] = {"repository": repo.name, "commit": sha}
+    try:
+        verified = verify_commit(control, repo.name, sha, public_key)
+    except (ProvenanceError, SigningKeyError) as error:
+        reason = error.reason if isinstance(error, ProvenanceError) else "key"
+        report.update(verified=False, reason=reason, error=str(error))
+    else:
+        report.update(
+            verified=True,
+            keyid=verified.keyid,
+            builder_id=verified.builder_id,
+            invocation_id=verified.invocation_id,
+            started_on=verified.started_on,
+            finished_on=verified.finished_on,
+            subjects=[{"name": s.name, "sha256": s.sha256} for s in verified.subjects],
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif report["verified"]:
+        err.print(
+            f"[green]verified[/] {repo.name}@{sha[:12]}: {len(report['subjects'])} artifacts "
+            f"signed by key {report['keyid'][:16]}, run {report['invocation_id']}"
+        )
+    else:
+        err.print(f"[red]not verified[/] {repo.name}@{sha[:12]}", highlight=False)
+        err.print(report["error"], markup=False, highlight=False)
+    raise typer.Exit(0 if report["verified"] else 1)
 
 
 @app.command()
@@ -631,11 +713,11 @@ def main() -> None:
     except GitError as error:
         err.print(f"git: {error}", markup=False, highlight=False)
         sys.exit(2)
-    except Exception as error:  # click usage errors and the like
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(2)
-        raise
+    except typer.TyperException as error:  # a missing option, a bad value: typer's click
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            err.print(f"error: {error.message}", markup=False, highlight=False)
+        sys.exit(error.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,7 @@ from typing import Any
 
 from cicd_dagster.stages.tests import TEST_STAGES
 
-STAGES = ("source", "build", *TEST_STAGES)
+STAGES = ("source", "build", *TEST_STAGES, "security_scan", "sbom", "artifact")
 _TEST_FIELDS = ("tests", "passed", "failed", "errors", "skipped")
 
 

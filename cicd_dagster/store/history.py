@@ -6,6 +6,9 @@ re-materializing a partition never duplicates anything.
 
 Deployments and incidents are events instead: every deployment attempt is a row of its own,
 and an environment has at most one open incident at a time.
+
+Security findings belong to a build: its own scans replace them on every run, and rescans of
+the commit against newer advisories add the ones not seen before.
 """
 
 import dataclasses
@@ -26,6 +29,9 @@ from sqlalchemy.orm import Session
 from cicd_dagster.store.models import (
     DEPLOYMENT_STATUSES,
     EVENT_KINDS,
+    FINDING_KINDS,
+    FINDING_SEVERITIES,
+    FINDING_SOURCES,
     STAGE_NAMES,
     STAGE_STATUSES,
     TEST_STAGES,
@@ -36,6 +42,7 @@ from cicd_dagster.store.models import (
     Commit,
     Deployment,
     Event,
+    Finding,
     GateResult,
     HealthProbe,
     Incident,
@@ -100,6 +107,28 @@ class ArtifactRecord:
     path: str
     sha256: str
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """One finding of a security scan; `message` must never hold a secret in clear."""
+
+    kind: str
+    tool: str
+    rule: str
+    severity: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    package: str | None = None
+    version: str | None = None
+    suppressed: bool = False
+    suppression_reason: str | None = None
+
+    @property
+    def identity(self) -> tuple[str, str, str | None, str | None, str | None, int | None]:
+        """What makes two findings the same one, whatever their wording or severity."""
+        return (self.kind, self.rule, self.package, self.version, self.file, self.line)
 
 
 @dataclass(frozen=True)
@@ -274,6 +303,7 @@ class HistoryStore:
         """Upsert the artifacts by path; artifacts recorded before under other paths stay."""
         if not artifacts:
             return
+        now = datetime.now(UTC)
         with self._writing() as session:
             build_id = _build_id(session, repository, commit_sha)
             paths = [artifact.path for artifact in artifacts]
@@ -288,11 +318,77 @@ class HistoryStore:
                         "path": artifact.path,
                         "sha256": artifact.sha256,
                         "size_bytes": artifact.size_bytes,
+                        "recorded_at": now,
                     }
                     for artifact in artifacts
                 ],
             )
             _touch_build(session, build_id)
+
+    def record_findings(
+        self,
+        repository: str,
+        commit_sha: str,
+        source: str,
+        findings: Sequence[FindingRecord],
+        *,
+        found_at: datetime,
+    ) -> list[FindingRecord]:
+        """Record security findings of the commit's build and return the ones written.
+
+        source "build": replaces the build's own findings (all of `findings` are returned);
+        "rescan": adds those whose identity (kind, rule, package, version, file, line) is not
+        recorded for the commit yet, from either source, and returns just those.
+        Both are idempotent.
+        """
+        if source not in FINDING_SOURCES:
+            raise ValueError(
+                f"unknown finding source {source!r}; expected one of {FINDING_SOURCES}"
+            )
+        if found_at.tzinfo is None:
+            raise ValueError(f"naive datetime {found_at.isoformat()}: pass a timezone-aware one")
+        for finding in findings:
+            _check_finding(finding)
+        with self._writing() as session:
+            # Locked so that concurrent rescans of one build take turns (PostgreSQL).
+            build_id = _build_id(session, repository, commit_sha, for_update=True)
+            if source == "build":
+                session.execute(
+                    sa.delete(Finding).where(Finding.build_id == build_id, Finding.source == source)
+                )
+                new = list(findings)
+            else:
+                identities = session.execute(
+                    sa.select(
+                        Finding.kind,
+                        Finding.rule,
+                        Finding.package,
+                        Finding.version,
+                        Finding.file,
+                        Finding.line,
+                    ).where(Finding.build_id == build_id)
+                )
+                seen = {tuple(identity) for identity in identities}
+                new = []
+                for finding in findings:
+                    if finding.identity not in seen:
+                        seen.add(finding.identity)
+                        new.append(finding)
+            if new:
+                session.execute(
+                    sa.insert(Finding),
+                    [
+                        {
+                            "build_id": build_id,
+                            "source": source,
+                            "found_at": found_at,
+                            **dataclasses.asdict(finding),
+                        }
+                        for finding in new
+                    ],
+                )
+            _touch_build(session, build_id)
+            return new
 
     def record_deployment(self, repository: str, deployment: DeploymentRecord) -> int:
         """Add the deployment attempt and return its id; creates the repository if needed."""
@@ -458,6 +554,85 @@ class HistoryStore:
             statement = statement.where(HealthProbe.environment == environment)
         if since is not None:
             statement = statement.where(HealthProbe.at >= since)
+        return self._read(statement)
+
+    def findings(
+        self,
+        repository: str | None = None,
+        commit: str | None = None,
+        since: datetime | None = None,
+        kind: str | None = None,
+        source: str | None = None,
+    ) -> pd.DataFrame:
+        """One row per finding, newest build first, then the most severe first.
+
+        `commit` is a sha or a prefix of one; `since` keeps the findings found at or after it.
+        """
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Finding.source,
+                Finding.kind,
+                Finding.tool,
+                Finding.rule,
+                Finding.severity,
+                Finding.message,
+                Finding.file,
+                Finding.line,
+                Finding.package,
+                Finding.version,
+                Finding.suppressed,
+                Finding.suppression_reason,
+                Finding.found_at,
+            )
+            .select_from(Finding)
+            .join(Build)
+            .join(Repository)
+            .order_by(
+                Build.created_at.desc(),
+                Build.id.desc(),
+                _severity_order(Finding.severity),
+                Finding.id,
+            )
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if commit is not None:
+            statement = statement.where(Build.commit_sha.startswith(commit, autoescape=True))
+        if since is not None:
+            statement = statement.where(Finding.found_at >= since)
+        if kind is not None:
+            statement = statement.where(Finding.kind == kind)
+        if source is not None:
+            statement = statement.where(Finding.source == source)
+        return self._read(statement)
+
+    def artifacts(
+        self, repository: str | None = None, since: datetime | None = None
+    ) -> pd.DataFrame:
+        """One row per recorded artifact, newest first; `since` keeps those recorded at or
+        after it."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Artifact.path,
+                Artifact.sha256,
+                Artifact.size_bytes,
+                Artifact.recorded_at,
+            )
+            .select_from(Artifact)
+            .join(Build)
+            .join(Repository)
+            .order_by(Artifact.recorded_at.desc(), Build.id.desc(), Artifact.path)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if since is not None:
+            statement = statement.where(Artifact.recorded_at >= since)
         return self._read(statement)
 
     def stage_rows(self, repository: str, commit_sha: str) -> pd.DataFrame:
@@ -807,15 +982,29 @@ def _deployments_query(
     return statement
 
 
-def _build_id(session: Session, repository: str, commit_sha: str) -> int:
-    build_id = session.scalar(
+def _build_id(
+    session: Session, repository: str, commit_sha: str, *, for_update: bool = False
+) -> int:
+    statement = (
         sa.select(Build.id)
         .join(Repository)
         .where(Repository.name == repository, Build.commit_sha == commit_sha)
     )
+    if for_update:
+        statement = statement.with_for_update(of=Build)
+    build_id = session.scalar(statement)
     if build_id is None:
         raise LookupError(f"no build of {repository}@{commit_sha}: record_build() first")
     return build_id
+
+
+def _check_finding(finding: FindingRecord) -> None:
+    if finding.kind not in FINDING_KINDS:
+        raise ValueError(f"unknown finding kind {finding.kind!r}; expected one of {FINDING_KINDS}")
+    if finding.severity not in FINDING_SEVERITIES:
+        raise ValueError(
+            f"unknown finding severity {finding.severity!r}; expected one of {FINDING_SEVERITIES}"
+        )
 
 
 def _touch_build(session: Session, build_id: int) -> None:
@@ -883,6 +1072,12 @@ def _stage_totals() -> sa.Subquery:
 
 def _stage_order(column: sa.ColumnExpressionArgument[str]) -> sa.Case[int]:
     return sa.case({name: index for index, name in enumerate(STAGE_NAMES)}, value=column)
+
+
+def _severity_order(column: sa.ColumnExpressionArgument[str]) -> sa.Case[int]:
+    """Most severe first; unknown severities first of all, as the gates treat them."""
+    ranks = {name: -index for index, name in enumerate(FINDING_SEVERITIES)}
+    return sa.case(ranks, value=column)
 
 
 def _filter_builds(

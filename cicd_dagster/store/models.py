@@ -11,13 +11,28 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-STAGE_NAMES = ("source", "build", "unit", "integration", "e2e", "performance")
+STAGE_NAMES = (
+    "source",
+    "build",
+    "unit",
+    "integration",
+    "e2e",
+    "performance",
+    "security_scan",
+    "sbom",
+    "artifact",
+)
 STAGE_STATUSES = ("success", "failed", "not_configured", "skipped")
 # Stages that run tests; their counts add up to a build's test counts.
 TEST_STAGES = ("unit", "integration", "e2e", "performance")
 # deployed: verified and live; rolled_back: failed verification, the previous version restored;
 # failed: failed without a rollback; refused: not attempted (e.g. a red or unpromoted commit).
 DEPLOYMENT_STATUSES = ("deployed", "rolled_back", "failed", "refused")
+# Security scan findings: what was scanned, how bad, and who found it (the build's own scans
+# or a later rescan of a deployed or released commit against a newer advisory DB).
+FINDING_KINDS = ("sast", "dependency", "license", "secret")
+FINDING_SEVERITIES = ("low", "medium", "high", "critical", "unknown")
+FINDING_SOURCES = ("build", "rescan")
 # What notification channels can subscribe to (cicd.yaml notifications[].events).
 EVENT_KINDS = (
     "failed",
@@ -198,6 +213,30 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(sa.Text)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    recorded_at: Mapped[datetime]
+
+
+class Finding(Base):
+    """One finding of a security scan of a build's commit."""
+
+    __tablename__ = "findings"
+    __table_args__ = (sa.Index(None, "build_id", "source"), sa.Index(None, "found_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(sa.ForeignKey("builds.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(sa.String(16))
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    tool: Mapped[str] = mapped_column(sa.String(64))
+    rule: Mapped[str] = mapped_column(sa.Text)
+    severity: Mapped[str] = mapped_column(sa.String(16))
+    message: Mapped[str] = mapped_column(sa.Text)
+    file: Mapped[str | None] = mapped_column(sa.Text)
+    line: Mapped[int | None]
+    package: Mapped[str | None] = mapped_column(sa.Text)
+    version: Mapped[str | None] = mapped_column(sa.String(255))
+    suppressed: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    suppression_reason: Mapped[str | None] = mapped_column(sa.Text)
+    found_at: Mapped[datetime]
 
 
 class Deployment(Base):

@@ -45,6 +45,9 @@ STAGES = (
     "integration_tests",
     "e2e_tests",
     "performance_tests",
+    "security_scan",
+    "sbom",
+    "artifact",
 )
 
 START_TIMEOUT_S = 120  # webserver answering and the code location loaded

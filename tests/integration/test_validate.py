@@ -1,4 +1,4 @@
-"""`cicd validate` and `cicd history deployments`, as a user runs them."""
+"""`cicd validate`, `cicd history deployments` and usage errors, as a user runs them."""
 
 import json
 import os
@@ -101,3 +101,24 @@ def test_history_deployments_lists_attempts_newest_first(tmp_path):
         ("v1", "rolled_back"),
         ("v0", "deployed"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["deploy", "app"], "Missing option '--env'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["history", "builds", "--format", "xml"], "Invalid value for '--format'"),
+    ],
+)
+def test_usage_errors_exit_2_with_the_reason(tmp_path, args, message):
+    config = control_config(tmp_path, {"app": tmp_path / "app"})
+    done = subprocess.run(
+        [*CICD, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

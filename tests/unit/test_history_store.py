@@ -1,10 +1,15 @@
 """The history DB's behaviour, on SQLite and (when a server is available) on PostgreSQL."""
 
+import dataclasses
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from multiprocessing.synchronize import Event
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +27,13 @@ from cicd_dagster.store import (
     ArtifactRecord,
     CommitRecord,
     DeploymentRecord,
+    FindingRecord,
     GateRecord,
     HistoryStore,
     StageRecord,
 )
 from cicd_dagster.store.models import Artifact, Base, Commit
+from tests.support import control_config
 
 REPO = "demo"
 REPO_URL = "https://git.example.com/demo.git"
@@ -931,3 +938,416 @@ def test_incidents_filter_by_repository_and_environment_newest_first(
     assert list(store.incidents(REPO, "prod")["duration_s"].fillna(-1)) == [-1, 60.0]
     empty = store.incidents(repository="nobody")
     assert empty.empty and "duration_s" in empty.columns
+
+
+# -- security findings -----------------------------------------------------------------------
+
+FINDING_COLUMNS = [
+    "repository",
+    "commit",
+    "branch",
+    "source",
+    "kind",
+    "tool",
+    "rule",
+    "severity",
+    "message",
+    "file",
+    "line",
+    "package",
+    "version",
+    "suppressed",
+    "suppression_reason",
+    "found_at",
+]
+FOUND_AT = datetime(2025, 3, 2, 3, tzinfo=UTC)
+ASSERT_USED = FindingRecord("sast", "bandit", "B101", "low", "assert used", "app.py", 3)
+LEAKED_TOKEN = FindingRecord(
+    "secret", "secrets", "github-token", "high", "ghp_****************", "config.py", 7
+)
+OLD_JINJA = FindingRecord(
+    "dependency",
+    "osv",
+    "GHSA-h5c8-rqwp-cp95",
+    "medium",
+    "XSS in xmlattr",
+    package="jinja2",
+    version="3.1.2",
+)
+FIRST, SECOND = "a1" * 20, "b2" * 20
+GPL = FindingRecord("license", "licenses", "GPL-3.0-only", "high", "denied", package="gnu-thing")
+
+
+def rule_names(frame: pd.DataFrame) -> list[str]:
+    return list(frame["rule"])
+
+
+def test_a_finding_round_trips_with_all_its_fields(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={}, branch="release/1.0")
+    suppressed = FindingRecord(
+        kind="dependency",
+        tool="osv",
+        rule="PYSEC-2024-1",
+        severity="critical",
+        message="Überlauf in parse() ✓ " + "x" * 10_000,
+        file="requirements.txt",
+        line=12,
+        package="libfoo",
+        version="1.0.0",
+        suppressed=True,
+        suppression_reason="not reachable from our code",
+    )
+    written = store.record_findings(REPO, commit_sha(1), "build", [suppressed], found_at=FOUND_AT)
+
+    assert written == [suppressed]
+    frame = store.findings()
+    assert list(frame.columns) == FINDING_COLUMNS
+    [row] = frame.to_dict("records")
+    assert row == {
+        "repository": REPO,
+        "commit": commit_sha(1),
+        "branch": "release/1.0",
+        "source": "build",
+        "found_at": FOUND_AT,
+        **dataclasses.asdict(suppressed),
+    }
+
+
+def test_a_finding_without_optional_fields_has_nulls(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [GPL], found_at=FOUND_AT)
+
+    [row] = store.findings().to_dict("records")
+    assert (row["file"], row["version"], row["suppression_reason"]) == (None, None, None)
+    assert pd.isna(row["line"]) and row["suppressed"] is False
+
+
+def test_re_recording_build_findings_replaces_them(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [ASSERT_USED, GPL], found_at=FOUND_AT)
+    store.record_findings(REPO, commit_sha(1), "build", [LEAKED_TOKEN], found_at=FOUND_AT)
+    assert rule_names(store.findings()) == ["github-token"]
+
+    store.record_findings(REPO, commit_sha(1), "build", [], found_at=FOUND_AT)
+    assert store.findings().empty
+
+
+def test_a_rescan_adds_only_new_findings_and_returns_them(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [ASSERT_USED], found_at=FOUND_AT)
+    later = FOUND_AT + timedelta(days=30)
+    # Already known by its identity, whatever its wording or severity now.
+    reworded = dataclasses.replace(ASSERT_USED, severity="medium", message="assert again")
+
+    new = store.record_findings(
+        REPO, commit_sha(1), "rescan", [reworded, OLD_JINJA, OLD_JINJA], found_at=later
+    )
+    assert new == [OLD_JINJA]
+    assert store.record_findings(REPO, commit_sha(1), "rescan", [OLD_JINJA], found_at=later) == []
+
+    frame = store.findings()
+    assert list(zip(frame["rule"], frame["source"], frame["found_at"], strict=True)) == [
+        ("GHSA-h5c8-rqwp-cp95", "rescan", later),
+        ("B101", "build", FOUND_AT),
+    ]
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"kind": "secret"},
+        {"rule": "B102"},
+        {"file": "other.py"},
+        {"line": 4},
+        {"line": None},
+        {"package": "jinja2"},
+        {"version": "3.1.3"},
+    ],
+    ids=lambda changed: "-".join(f"{key}={value}" for key, value in changed.items()),
+)
+def test_a_rescan_finding_differing_in_one_identity_field_is_new(
+    store: HistoryStore, changed: dict[str, Any]
+) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [ASSERT_USED], found_at=FOUND_AT)
+    other = dataclasses.replace(ASSERT_USED, **changed)
+
+    assert store.record_findings(REPO, commit_sha(1), "rescan", [other], found_at=FOUND_AT) == [
+        other
+    ]
+
+
+def test_re_recording_build_findings_keeps_rescan_findings(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [ASSERT_USED], found_at=FOUND_AT)
+    store.record_findings(REPO, commit_sha(1), "rescan", [OLD_JINJA], found_at=FOUND_AT)
+    store.record_findings(REPO, commit_sha(1), "build", [GPL], found_at=FOUND_AT)
+
+    assert sorted(zip(store.findings()["source"], rule_names(store.findings()), strict=True)) == [
+        ("build", "GPL-3.0-only"),
+        ("rescan", "GHSA-h5c8-rqwp-cp95"),
+    ]
+
+
+def test_a_rescan_compares_with_that_commits_findings_only(store: HistoryStore) -> None:
+    for number in (1, 2):
+        record_build(store, commit_sha(number), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [OLD_JINJA], found_at=FOUND_AT)
+
+    new = store.record_findings(REPO, commit_sha(2), "rescan", [OLD_JINJA], found_at=FOUND_AT)
+    assert new == [OLD_JINJA]
+
+
+def test_findings_of_an_unrecorded_build_are_refused(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={}, repository="other")
+    for source in ("build", "rescan"):
+        with pytest.raises(LookupError, match=f"no build of {REPO}@{commit_sha(1)}"):
+            store.record_findings(REPO, commit_sha(1), source, [GPL], found_at=FOUND_AT)
+    assert store.findings().empty
+
+
+@pytest.mark.parametrize(
+    ("source", "finding", "message"),
+    [
+        ("build", dataclasses.replace(GPL, kind="licence"), "unknown finding kind 'licence'"),
+        ("build", dataclasses.replace(GPL, severity="HIGH"), "unknown finding severity 'HIGH'"),
+        ("build", dataclasses.replace(GPL, severity=""), "unknown finding severity ''"),
+        ("nightly", GPL, "unknown finding source 'nightly'"),
+    ],
+    ids=["kind", "severity-case", "severity-empty", "source"],
+)
+def test_unknown_finding_kinds_severities_and_sources_are_refused(
+    store: HistoryStore, source: str, finding: FindingRecord, message: str
+) -> None:
+    record_build(store, commit_sha(1), stages={})
+    with pytest.raises(ValueError, match=message):
+        store.record_findings(
+            REPO, commit_sha(1), source, [ASSERT_USED, finding], found_at=FOUND_AT
+        )
+    assert store.findings().empty  # nothing of the batch was written
+
+
+def test_findings_found_at_a_naive_datetime_are_refused(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    with pytest.raises(ValueError, match="naive datetime"):
+        store.record_findings(REPO, commit_sha(1), "build", [], found_at=datetime(2025, 3, 2))
+
+
+def test_findings_are_per_newest_build_most_severe_first_and_filter(store: HistoryStore) -> None:
+    # Distinct 7-character prefixes (commit_sha() pads with zeros).
+    record_build(store, FIRST, stages={})
+    record_build(store, SECOND, stages={})
+    record_build(store, commit_sha(3), stages={}, repository="other")
+    unknown = dataclasses.replace(OLD_JINJA, rule="PYSEC-0000-1", severity="unknown")
+    critical = dataclasses.replace(LEAKED_TOKEN, severity="critical")
+    later = FOUND_AT + timedelta(days=1)
+    store.record_findings(REPO, FIRST, "build", [ASSERT_USED, GPL], found_at=FOUND_AT)
+    store.record_findings(REPO, FIRST, "rescan", [unknown], found_at=later)
+    store.record_findings(
+        REPO, SECOND, "build", [ASSERT_USED, critical, OLD_JINJA], found_at=FOUND_AT
+    )
+    store.record_findings("other", commit_sha(3), "build", [GPL], found_at=FOUND_AT)
+
+    frame = store.findings()
+    assert list(zip(frame["repository"], frame["rule"], strict=True)) == [
+        ("other", "GPL-3.0-only"),
+        (REPO, "github-token"),
+        (REPO, "GHSA-h5c8-rqwp-cp95"),
+        (REPO, "B101"),
+        (REPO, "PYSEC-0000-1"),  # unknown: the gates treat it as the worst
+        (REPO, "GPL-3.0-only"),
+        (REPO, "B101"),
+    ]
+    assert rule_names(store.findings(REPO, commit=FIRST[:7])) == [
+        "PYSEC-0000-1",
+        "GPL-3.0-only",
+        "B101",
+    ]
+    assert rule_names(store.findings(kind="license")) == ["GPL-3.0-only", "GPL-3.0-only"]
+    assert rule_names(store.findings(source="rescan")) == ["PYSEC-0000-1"]
+    assert rule_names(store.findings(since=later)) == ["PYSEC-0000-1"]
+    # A prefix is matched literally, with no LIKE wildcards.
+    assert store.findings(commit="%").empty and store.findings(commit="a_").empty
+    empty = store.findings(repository="nobody")
+    assert empty.empty and list(empty.columns) == FINDING_COLUMNS
+
+
+RESCANS = 30
+
+
+def rescan_repeatedly(url: str, ready: Barrier) -> None:
+    """One rescanning process: every rescan finds one more advisory."""
+    history = HistoryStore(url)
+    ready.wait(timeout=60)  # both processes started and connected: rescan at the same time
+    try:
+        for number in range(RESCANS):
+            advisory = dataclasses.replace(OLD_JINJA, rule=f"GHSA-{number}")
+            history.record_findings(REPO, SHARED_SHA, "rescan", [advisory], found_at=FOUND_AT)
+    finally:
+        history.dispose()
+
+
+def test_two_processes_rescanning_a_commit_at_once_record_each_finding_once(
+    database_url: str, store: HistoryStore
+) -> None:
+    record_build(store, SHARED_SHA, stages={})
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(2)
+    rescans = [context.Process(target=rescan_repeatedly, args=(database_url, ready)) for _ in "ab"]
+    for process in rescans:
+        process.start()
+    try:
+        for process in rescans:
+            process.join(timeout=120)
+    finally:
+        for process in rescans:
+            if process.is_alive():
+                process.kill()
+    assert [process.exitcode for process in rescans] == [0, 0]
+    assert sorted(rule_names(store.findings())) == sorted(f"GHSA-{n}" for n in range(RESCANS))
+
+
+def test_deleting_a_build_deletes_its_findings(database_url: str, store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    store.record_findings(REPO, commit_sha(1), "build", [GPL], found_at=FOUND_AT)
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+            connection.execute(sa.text("DELETE FROM builds"))
+    finally:
+        engine.dispose()
+    assert select_all(database_url, sa.text("SELECT count(*) FROM findings")) == [0]
+
+
+# -- artifacts() -----------------------------------------------------------------------------
+
+ARTIFACT_COLUMNS = ["repository", "commit", "branch", "path", "sha256", "size_bytes", "recorded_at"]
+
+
+def test_artifacts_list_digest_size_path_and_commit_newest_first(store: HistoryStore) -> None:
+    record_build(store, commit_sha(1), stages={})
+    record_build(store, commit_sha(2), stages={}, branch="dev", repository="other")
+    store.record_artifacts(
+        REPO,
+        commit_sha(1),
+        [ArtifactRecord("dist/b.whl", "b" * 64, 20), ArtifactRecord("dist/a.tar.gz", "a" * 64, 10)],
+    )
+    cutoff = datetime.now(UTC)
+    store.record_artifacts(
+        "other", commit_sha(2), [ArtifactRecord("app.bin", "c" * 64, 5_000_000_000)]
+    )
+
+    frame = store.artifacts()
+    assert list(frame.columns) == ARTIFACT_COLUMNS
+    assert [tuple(row)[:-1] for row in frame.itertuples(index=False)] == [
+        ("other", commit_sha(2), "dev", "app.bin", "c" * 64, 5_000_000_000),
+        (REPO, commit_sha(1), "main", "dist/a.tar.gz", "a" * 64, 10),
+        (REPO, commit_sha(1), "main", "dist/b.whl", "b" * 64, 20),
+    ]
+    assert list(store.artifacts(REPO)["path"]) == ["dist/a.tar.gz", "dist/b.whl"]
+    assert list(store.artifacts(since=cutoff)["path"]) == ["app.bin"]
+    assert (store.artifacts()["recorded_at"].dt.tz is not None) and (
+        store.artifacts(since=cutoff)["recorded_at"].iloc[0] >= cutoff
+    )
+    empty = store.artifacts(repository="nobody")
+    assert empty.empty and list(empty.columns) == ARTIFACT_COLUMNS
+
+
+def test_opening_a_0003_database_dates_its_artifacts_from_their_build(database_url: str) -> None:
+    run_alembic(database_url, "upgrade", "0003")
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("INSERT INTO repositories (id, name, url) VALUES (1, :name, NULL)"),
+                {"name": REPO},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO builds (id, repository_id, commit_sha, ref, branch, run_id,"
+                    " created_at, updated_at) VALUES (7, 1, :sha, 'refs/heads/main', 'main',"
+                    " 'run-1', :at, :updated)"
+                ),
+                {"sha": commit_sha(1), "at": AUTHORED_AT, "updated": FOUND_AT},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO artifacts (build_id, path, sha256, size_bytes)"
+                    " VALUES (7, 'dist/app.whl', :sha256, 42)"
+                ),
+                {"sha256": "d" * 64},
+            )
+    finally:
+        engine.dispose()
+
+    history = HistoryStore(database_url)
+    try:
+        [artifact] = history.artifacts().to_dict("records")
+        assert (artifact["path"], artifact["recorded_at"]) == ("dist/app.whl", FOUND_AT)
+        history.record_findings(REPO, commit_sha(1), "build", [GPL], found_at=FOUND_AT)
+    finally:
+        history.dispose()
+
+    run_alembic(database_url, "downgrade", "0003")
+    assert "findings" not in table_names(database_url)
+    assert select_all(database_url, sa.text("SELECT path FROM artifacts")) == ["dist/app.whl"]
+
+
+# -- the history CLI -------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # starts the cicd CLI
+def test_history_scans_and_artifacts_commands_list_what_the_store_holds(
+    tmp_path: Path, database_url: str, store: HistoryStore
+) -> None:
+    record_build(store, commit_sha(0xA1), stages={})
+    record_build(store, commit_sha(0xB2), stages={}, repository="other")
+    store.record_findings(
+        REPO, commit_sha(0xA1), "build", [LEAKED_TOKEN, ASSERT_USED], found_at=FOUND_AT
+    )
+    store.record_findings("other", commit_sha(0xB2), "build", [OLD_JINJA], found_at=FOUND_AT)
+    store.record_artifacts(REPO, commit_sha(0xA1), [ArtifactRecord("dist/app.whl", "e" * 64, 42)])
+    config = control_config(
+        tmp_path, {REPO: tmp_path / REPO}, extra=f"history_db: {database_url}\n"
+    )
+
+    def cicd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cicd_dagster", "--config", str(config), "history", *args],
+            env={key: value for key, value in os.environ.items() if key != "CICD_CONFIG"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    scans = cicd("scans", "--format", "json")
+    assert scans.returncode == 0, scans.stderr
+    rows = json.loads(scans.stdout)
+    assert [(row["repository"], row["rule"], row["severity"]) for row in rows] == [
+        ("other", "GHSA-h5c8-rqwp-cp95", "medium"),
+        (REPO, "github-token", "high"),
+        (REPO, "B101", "low"),
+    ]
+    assert rows[1]["message"] == LEAKED_TOKEN.message and rows[1]["line"] == 7
+    filtered = cicd(
+        *("scans", "--repo", REPO, "--commit", commit_sha(0xA1), "--kind", "secret"),
+        *("--since", "2025-03-01", "--format", "json"),
+    )
+    assert [row["rule"] for row in json.loads(filtered.stdout)] == ["github-token"], filtered.stderr
+
+    bad_kind = cicd("scans", "--kind", "virus")
+    assert bad_kind.returncode == 2
+    assert "--kind 'virus': use one of sast, dependency, license, secret" in bad_kind.stderr
+
+    artifacts = cicd("artifacts", "--repo", REPO, "--format", "json")
+    assert artifacts.returncode == 0, artifacts.stderr
+    [artifact] = json.loads(artifacts.stdout)
+    assert (artifact["commit"], artifact["path"], artifact["sha256"], artifact["size_bytes"]) == (
+        commit_sha(0xA1),
+        "dist/app.whl",
+        "e" * 64,
+        42,
+    )
+    assert "e" * 64 in cicd("artifacts", "--since", "1d").stdout  # a table by default
