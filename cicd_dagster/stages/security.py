@@ -344,9 +344,6 @@ def _run_sast(
 ) -> SarifReport | None:
     """bandit always (it is a dependency of cicd-dagster); ruff and semgrep where they are
     installed. Returns the SarifReport, or None with a warning when the tool is skipped.
-
-    bandit honours `# nosec` comments in the code: the bandit runner of sast.py has no
-    --ignore-nosec switch, so such lines are exempt without a .cicd.yml suppression.
     """
     if tool == "bandit":
         return run_bandit(checkout, sarif_path)

@@ -92,6 +92,15 @@ def test_bandit_finds_shell_injection_unsafe_yaml_and_hardcoded_password(tmp_pat
     assert report.problems == []
 
 
+def test_a_nosec_comment_does_not_hide_a_finding(tmp_path: Path) -> None:
+    # Only a .cicd.yml suppression, with a reason and an expiry, may silence a finding.
+    source = VULNERABLE.replace("shell=True)", "shell=True)  # nosec B602")
+    checkout = write(tmp_path / "checkout", {"app.py": source})
+    report = run_bandit(checkout, tmp_path / "bandit.sarif")
+
+    assert "B602" in by_rule(report.findings)
+
+
 def test_hardcoded_password_message_is_redacted(tmp_path: Path) -> None:
     checkout = write(tmp_path / "checkout", {"app.py": VULNERABLE})
     report = run_bandit(checkout, tmp_path / "bandit.sarif")
