@@ -15,10 +15,12 @@ from dagster import (
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from assets.common import fail_stage, stage_context, table
+from assets.build import build_key
+from assets.common import commit_asset, fail_stage, stage_context, table
+from assets.security import security_key
+from assets.tests import report_key
 from cicd_dagster.config import RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageError
@@ -45,11 +47,11 @@ def artifact_key(repository: RepositoryConfig) -> AssetKey:
 def sbom_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
 ) -> AssetsDefinition:
-    @asset(
+    @commit_asset(
+        repository,
+        partitions,
         key=sbom_key(repository),
-        deps=[AssetKey([repository.name, "build"])],
-        group_name=repository.identifier,
-        partitions_def=partitions,
+        deps=[build_key(repository)],
         kinds={"cyclonedx"},
         description="CycloneDX SBOM of the build: its resolved Python environment and the "
         "artifacts it produced.",
@@ -101,15 +103,15 @@ def sbom_asset(
 def artifact_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
 ) -> AssetsDefinition:
-    @asset(
+    @commit_asset(
+        repository,
+        partitions,
         key=artifact_key(repository),
         deps=[
             sbom_key(repository),
-            AssetKey([repository.name, "security_scan"]),
-            *(AssetKey([repository.name, f"{stage}_tests"]) for stage in TEST_STAGES),
+            security_key(repository),
+            *(report_key(repository, stage) for stage in TEST_STAGES),
         ],
-        group_name=repository.identifier,
-        partitions_def=partitions,
         kinds={"slsa"},
         description="The green commit's artifacts and SBOM in the content-addressed store, "
         "with a signed SLSA provenance statement (check it with `cicd verify`).",
@@ -162,6 +164,8 @@ def artifact_asset(
                 "artifact_bytes": int(subjects["size_bytes"].sum()),
                 "provenance_digest": f"sha256:{outcome.provenance.sha256}",
                 "key_id": outcome.keyid,
+                # False: this machine cannot hide the key from build steps (the build warns).
+                "key_isolated": ctx.sandbox is not None,
                 "public_key": MetadataValue.path(str(outcome.public_key)),
                 "builder_id": BUILDER_ID,
                 "rebound": ", ".join(outcome.rebound),

@@ -10,10 +10,10 @@ from dagster import (
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from assets.common import fail_stage, stage_context, table
+from assets.common import commit_asset, fail_stage, stage_context, table
+from assets.source import source_key
 from cicd_dagster.config import RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageError
@@ -22,14 +22,18 @@ from cicd_dagster.stages.source import load_source
 from cicd_dagster.store import StageRecord
 
 
+def build_key(repository: RepositoryConfig) -> AssetKey:
+    return AssetKey([repository.name, "build"])
+
+
 def build_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
 ) -> AssetsDefinition:
-    @asset(
-        key=AssetKey([repository.name, "build"]),
-        deps=[AssetKey([repository.name, "source"])],
-        group_name=repository.identifier,
-        partitions_def=partitions,
+    @commit_asset(
+        repository,
+        partitions,
+        key=build_key(repository),
+        deps=[source_key(repository)],
         kinds={"python"},
         description="Dependencies, build steps and the collected artifacts of the commit.",
     )

@@ -1,29 +1,63 @@
-"""What every stage asset shares: run tags, the stage context, failures with a log tail."""
+"""What every stage asset shares: run tags, its decorator, the stage context, failures with
+a log tail, gates as blocking checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    DynamicPartitionsDefinition,
     Failure,
     MetadataValue,
+    PreviewWarning,
     TableColumn,
     TableRecord,
     TableSchema,
+    asset,
 )
 
+from cicd_dagster.config import RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageContext
-from cicd_dagster.store import StageRecord
+from cicd_dagster.store import GateRecord, StageRecord
 
 # Run tags set by the repository sensor and by `cicd run`.
 REF_TAG = "cicd/ref"
 BRANCH_TAG = "cicd/branch"
 FORCE_TAG = "cicd/force"
 DETECTED_AT_TAG = "cicd/detected_at"
+
+
+def commit_asset(
+    repository: RepositoryConfig,
+    partitions: DynamicPartitionsDefinition,
+    *,
+    key: AssetKey,
+    kinds: set[str],
+    description: str,
+    deps: Sequence[AssetKey] = (),
+    check_specs: Sequence[AssetCheckSpec] = (),
+) -> Callable[[Callable[..., Any]], AssetsDefinition]:
+    """The decorator of a CI stage asset: in the repository's group, one partition per commit."""
+    return asset(
+        key=key,
+        deps=list(deps),
+        group_name=repository.identifier,
+        partitions_def=partitions,
+        kinds=kinds,
+        description=description,
+        check_specs=list(check_specs),
+    )
 
 
 def stage_context(
@@ -73,6 +107,40 @@ def fail_stage(
         metadata={"status": "failed", "error": MetadataValue.md(f"```\n{message}\n```")},
         allow_retries=False,
     )
+
+
+def gate_specs(
+    key: AssetKey, gates: Mapping[str, str], partitions: DynamicPartitionsDefinition
+) -> list[AssetCheckSpec]:
+    """Gates (name -> description) as blocking checks, recorded per commit (partitions_def),
+    not as one result for all commits. That argument is a Dagster preview: its warning is
+    known and silenced here, so it does not fill every CLI run and daemon log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PreviewWarning)
+        return [
+            AssetCheckSpec(
+                name,
+                asset=key,
+                blocking=True,
+                partitions_def=partitions,
+                description=description,
+            )
+            for name, description in gates.items()
+        ]
+
+
+def gate_results(
+    gates: Iterable[GateRecord], extra_metadata: Callable[[GateRecord], Mapping[str, Any]]
+) -> Iterator[AssetCheckResult]:
+    """The result of each gate's blocking check (see gate_specs) at ERROR severity, with the
+    gate's detail, then `extra_metadata(gate)`, as metadata."""
+    for gate in gates:
+        yield AssetCheckResult(
+            check_name=gate.name,
+            passed=gate.passed,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"detail": gate.detail, **extra_metadata(gate)},
+        )
 
 
 def table(frame: pd.DataFrame, columns: Iterable[str], limit: int = 50) -> MetadataValue:

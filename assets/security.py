@@ -12,18 +12,23 @@ from typing import Any
 import pandas as pd
 from dagster import (
     AssetCheckResult,
-    AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from assets.common import fail_stage, stage_context, table
-from assets.tests import gate_specs
+from assets.build import build_key
+from assets.common import (
+    commit_asset,
+    fail_stage,
+    gate_results,
+    gate_specs,
+    stage_context,
+    table,
+)
 from cicd_dagster.config import RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.security.sast import SEVERITIES
@@ -61,11 +66,11 @@ def security_asset(
 ) -> AssetsDefinition:
     key = security_key(repository)
 
-    @asset(
+    @commit_asset(
+        repository,
+        partitions,
         key=key,
-        deps=[AssetKey([repository.name, "build"])],
-        group_name=repository.identifier,
-        partitions_def=partitions,
+        deps=[build_key(repository)],
         kinds={"bandit", "sarif"},
         description="SAST, dependency advisories (offline OSV), licences and secrets of the "
         "commit; the SARIF logs stay in its reports folder.",
@@ -104,17 +109,13 @@ def security_asset(
         )
         history.record_gates(repository.name, ctx.sha, STAGE, gates)
         yield MaterializeResult(metadata=scan_metadata(scan, status))
-        for gate in gates:
-            yield AssetCheckResult(
-                check_name=gate.name,
-                passed=gate.passed,
-                severity=AssetCheckSeverity.ERROR,
-                metadata={
-                    "detail": gate.detail,
-                    "blocking_findings": int(gate.value or 0),
-                    "findings": findings_table(scan.of_kind(GATE_KINDS[gate.name])),
-                },
-            )
+        yield from gate_results(
+            gates,
+            lambda gate: {
+                "blocking_findings": int(gate.value or 0),
+                "findings": findings_table(scan.of_kind(GATE_KINDS[gate.name])),
+            },
+        )
 
     return security_scan
 

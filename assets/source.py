@@ -11,10 +11,9 @@ from dagster import (
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from assets.common import DETECTED_AT_TAG, fail_stage, stage_context, table
+from assets.common import DETECTED_AT_TAG, commit_asset, fail_stage, stage_context, table
 from cicd_dagster.config import ConfigError, RepositoryConfig
 from cicd_dagster.git import GitError
 from cicd_dagster.resources import CicdResource
@@ -23,13 +22,17 @@ from cicd_dagster.stages.source import prepare_source
 from cicd_dagster.store import CommitRecord, StageRecord
 
 
+def source_key(repository: RepositoryConfig) -> AssetKey:
+    return AssetKey([repository.name, "source"])
+
+
 def source_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
 ) -> AssetsDefinition:
-    @asset(
-        key=AssetKey([repository.name, "source"]),
-        group_name=repository.identifier,
-        partitions_def=partitions,
+    @commit_asset(
+        repository,
+        partitions,
+        key=source_key(repository),
         kinds={"git"},
         description=f"The commit of {repository.name} checked out, and its .cicd.yml.",
     )

@@ -4,26 +4,29 @@ Each materializes the stage's report and answers its quality gates as blocking a
 checks, so a failed gate stops everything downstream in the run.
 """
 
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from dagster import (
     AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    PreviewWarning,
-    asset,
 )
 
-from assets.common import fail_stage, stage_context, table
+from assets.build import build_key
+from assets.common import (
+    commit_asset,
+    fail_stage,
+    gate_results,
+    gate_specs,
+    stage_context,
+    table,
+)
 from cicd_dagster.config import RepositoryConfig
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageError
@@ -41,36 +44,20 @@ GATE_DESCRIPTIONS = {
 }
 
 
-def gate_specs(
-    key: AssetKey, gates: Mapping[str, str], partitions: DynamicPartitionsDefinition
-) -> list[AssetCheckSpec]:
-    """Gates (name -> description) as blocking checks, recorded per commit (partitions_def),
-    not as one result for all commits. That argument is a Dagster preview: its warning is
-    known and silenced here, so it does not fill every CLI run and daemon log."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=PreviewWarning)
-        return [
-            AssetCheckSpec(
-                name,
-                asset=key,
-                blocking=True,
-                partitions_def=partitions,
-                description=description,
-            )
-            for name, description in gates.items()
-        ]
+def report_key(repository: RepositoryConfig, stage: str) -> AssetKey:
+    return AssetKey([repository.name, f"{stage}_tests"])
 
 
 def report_asset(
     repository: RepositoryConfig, partitions: DynamicPartitionsDefinition, stage: str
 ) -> AssetsDefinition:
-    key = AssetKey([repository.name, f"{stage}_tests"])
+    key = report_key(repository, stage)
 
-    @asset(
+    @commit_asset(
+        repository,
+        partitions,
         key=key,
-        deps=[AssetKey([repository.name, "build"])],
-        group_name=repository.identifier,
-        partitions_def=partitions,
+        deps=[build_key(repository)],
         kinds={"pytest"} if stage != "performance" else {"pytest", "benchmark"},
         description=f"The {stage} test report of the commit.",
         check_specs=gate_specs(
@@ -123,17 +110,9 @@ def report_asset(
             history.record_benchmarks(repository.name, ctx.sha, stage, outcome.benchmarks)
         history.record_gates(repository.name, ctx.sha, stage, gates)
         yield MaterializeResult(metadata=report_metadata(outcome))
-        for gate in gates:
-            yield AssetCheckResult(
-                check_name=gate.name,
-                passed=gate.passed,
-                severity=AssetCheckSeverity.ERROR,
-                metadata={
-                    "detail": gate.detail,
-                    "value": gate.value,
-                    "threshold": gate.threshold,
-                },
-            )
+        yield from gate_results(
+            gates, lambda gate: {"value": gate.value, "threshold": gate.threshold}
+        )
 
     return tests
 

@@ -56,6 +56,11 @@ from cicd_dagster.deploy.local import LocalSupervisor, free_port
 from cicd_dagster.deploy.router import NginxRouter, find_nginx
 from cicd_dagster.deploy.strategies import DeployOutcome, Environment, Release
 
+# tests/ is not an installed package: the tests' tear-down (and TrafficProbe, in the traffic
+# process) come from the project root.
+sys.path.append(str(ROOT))
+from tests.support import tear_down
+
 T = TypeVar("T")
 
 SERVICE = """\
@@ -269,19 +274,6 @@ def phases(outcome: DeployOutcome) -> dict[str, float | None]:
     return found
 
 
-def stop_environment(environment: Environment, router: NginxRouter) -> None:
-    """Everything the environment started: slots, supervisors, services, nginx."""
-    with suppress(Exception):
-        environment.down()
-    for state in environment.target.all():
-        environment.target.stop(state.name, timeout_s=5)
-        for pid in (state.pid, state.child_pid):
-            if pid is not None:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    router.stop()
-
-
 def engine_run(folder: Path, app: Path, probe: ProbeConfig, timeout_s: float) -> dict[str, Any]:
     router = NginxRouter(folder / "router", free_port(), nginx=find_nginx() or "nginx")
     environment = Environment(
@@ -322,7 +314,7 @@ def engine_run(folder: Path, app: Path, probe: ProbeConfig, timeout_s: float) ->
             "rollback_events": rollback.events,
         }
     finally:
-        stop_environment(environment, router)
+        tear_down(environment)
 
 
 # --- by hand ------------------------------------------------------------------------------

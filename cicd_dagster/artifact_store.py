@@ -289,6 +289,7 @@ class ArtifactStore:
 
     def _check(self, digest: str, handle: BinaryIO) -> None:
         expected = parse_digest(digest)
+        # Not hashlib.file_digest: a backend's reader need not be a file (have readinto).
         hasher = hashlib.sha256()
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             hasher.update(chunk)
@@ -393,10 +394,13 @@ class ArtifactStore:
         keep: Iterable[str],
         max_age: timedelta | None,
         now: datetime,
+        *,
+        dry_run: bool = False,
     ) -> PruneResult:
         """Delete every blob not in `keep` whose last use (stored, or last named) is older
         than `max_age` (any age if None), with the references that name it. A kept digest
-        is never deleted, however old."""
+        is never deleted, however old. With `dry_run`, return what would go and delete
+        nothing."""
         if now.tzinfo is None:
             raise ValueError(f"prune needs a timezone-aware `now`, got {now!r}")
         kept = set(keep)
@@ -417,10 +421,13 @@ class ArtifactStore:
                 last_used = max(info.stored_at, last_named.get(info.digest, info.stored_at))
                 if cutoff is not None and last_used > cutoff:
                     continue
-                self.backend.delete(info.digest)
+                if not dry_run:
+                    self.backend.delete(info.digest)
                 deleted_blobs.append(info)
             gone = {info.digest for info in deleted_blobs}
             deleted_rows = [row for row in rows if row.digest in gone]
+            if dry_run:
+                return PruneResult(deleted_blobs, deleted_rows)
             for repository, commit in sorted({(r.repository, r.commit) for r in deleted_rows}):
                 index = self._index_path(repository, commit)
                 entries = self._read_index(index)
@@ -468,6 +475,12 @@ class ArtifactStore:
                     "it was left as it is"
                 ) from None
         return entries
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes: what the store, SBOMs and provenance name it by."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def parse_digest(digest: str) -> str:

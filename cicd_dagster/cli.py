@@ -1,4 +1,5 @@
-"""The `cicd` command: validate, run, deploy, down, status, verify, infra, history, ui, demo.
+"""The `cicd` command: validate, run, deploy, down, status, verify, rescan, infra, artifacts,
+history, ui, demo.
 
 Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
 or configuration error.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,6 +54,8 @@ infra_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(infra_app, name="infra")
+artifacts_app = typer.Typer(help="Manage the artifact store.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
 
 err = Console(stderr=True, soft_wrap=True)  # error lines must stay whole, never wrapped
 ConfigOption = Annotated[
@@ -382,6 +386,47 @@ def _environment(config: ControlConfig, name: str) -> tuple[int, EnvironmentConf
 
 
 @app.command()
+def rescan(
+    repository: Annotated[
+        str | None, typer.Argument(help="repository name from cicd.yaml (default: all)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster logs")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Rescan the commits in service against today's advisory database now (what the
+    nightly security_rescan schedule runs); exit 0 clean, 1 when something in service has a
+    blocking finding or cannot be rescanned."""
+    from jobs.inprocess import rescan_in_process
+
+    control = _config(config)
+    if repository is not None:
+        _repository(control, repository)
+    reports = rescan_in_process(control, repository, stream_logs=verbose)
+    if as_json:
+        sys.stdout.write(json.dumps({"repositories": reports}, indent=2) + "\n")
+    for report in reports:
+        if as_json:
+            break
+        findings = report.get("findings", [])
+        if findings:
+            table = Table(title=report["repository"])
+            for column in ("commit", "where", "rule", "severity", "location", "new"):
+                table.add_column(column)
+            for row in findings:
+                marks = "new" if row["new"] else ""
+                marks += " suppressed" if row["suppressed"] else ""
+                cells = [row[c] for c in ("commit", "where", "rule", "severity", "location")]
+                table.add_row(*cells, marks)
+            err.print(table)
+        colour = "green" if report["passed"] else "red"
+        verdict = "clean" if report["passed"] else "blocked"
+        err.print(f"[{colour}]{verdict}[/] {report['repository']}: ", end="")
+        err.print(str(report["detail"]), markup=False, highlight=False)
+    raise typer.Exit(0 if all(report["passed"] for report in reports) else 1)
+
+
+@app.command()
 def deploy(
     repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
     env: Annotated[str, typer.Option("--env", help="environment from cicd.yaml")],
@@ -661,6 +706,59 @@ def infra_apply(
         err.print(f"apply stopped: {error}", markup=False, highlight=False)
         raise typer.Exit(1) from error
     _print_changes(changes, as_json, done=True)
+
+
+@artifacts_app.command("prune")
+def artifacts_prune(
+    repo: RepoOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show what would be deleted, delete nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the artifacts that cicd.yaml's `artifacts` retention lets go: never those of a
+    commit live or standby in an environment, nor of the keep_last newest per repository."""
+    from cicd_dagster.artifact_store import ArtifactStoreError
+    from cicd_dagster.retention import prune_artifacts
+
+    control = _config(config)
+    if repo is not None:
+        _repository(control, repo)
+    try:
+        result = prune_artifacts(control, now=datetime.now(UTC), dry_run=dry_run, repository=repo)
+    except ArtifactStoreError as error:
+        err.print(f"nothing was pruned: {error}", markup=False, highlight=False)
+        raise typer.Exit(1) from error
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return
+    if result.deleted:
+        table = Table("digest", "size", "stored", "named")
+        for blob in result.deleted:
+            named = [f"{r.repository}@{r.commit[:12]}/{r.name}" for r in result.names(blob.digest)]
+            table.add_row(
+                blob.digest[:19],
+                decimal(blob.size),
+                f"{blob.stored_at:%Y-%m-%d}",
+                "\n".join(named) or "(unnamed)",
+            )
+        _print_table(table)
+    for kept in result.kept:
+        err.print(
+            f"kept {kept.repository}@{kept.commit[:12]}: {', '.join(kept.reasons)}",
+            markup=False,
+            highlight=False,
+        )
+    if result.retention_days is None:
+        err.print("artifacts.retention_days is null: artifacts are kept forever")
+    blobs, commits = len(result.deleted), len({(r.repository, r.commit) for r in result.references})
+    verb = "would be freed (dry run: nothing was deleted)" if dry_run else "freed"
+    err.print(
+        f"{blobs} blob{'s' if blobs != 1 else ''} of {commits} commit{'s' if commits != 1 else ''}"
+        f": {decimal(result.bytes_freed)} {verb}",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -98,6 +98,55 @@ def _check_env_var_name(value: str) -> str:
     return value
 
 
+# Cron fields (minute hour day-of-month month day-of-week): name, range, names from 0 or 1.
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _WEEKDAYS),
+)
+_CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_PART = re.compile(r"(?:\*|(?P<low>\w+)(?:-(?P<high>\w+))?)(?:/(?P<step>\d+))?")
+
+
+def _check_cron(value: str) -> str:
+    """A standard 5-field cron expression (or an @daily-style alias): checked here so that a
+    typo is reported at its line in cicd.yaml, not when the schedules load."""
+    if value.strip().lower() in _CRON_ALIASES:
+        return value.strip().lower()
+    fields = value.split()
+    if len(fields) != len(_CRON_FIELDS):
+        raise ValueError(
+            f"cron expression {value!r} needs 5 fields (minute hour day-of-month month "
+            f"day-of-week), got {len(fields)}"
+        )
+    for text, field in zip(fields, _CRON_FIELDS, strict=True):
+        name = field[0]
+        for part in text.split(","):
+            match = _CRON_PART.fullmatch(part)
+            if match is None:
+                raise ValueError(f"cron {name} {part!r} in {value!r} is not valid")
+            if match["low"] is not None:
+                low = _cron_number(match["low"], field, value)
+                if match["high"] is not None and _cron_number(match["high"], field, value) < low:
+                    raise ValueError(f"cron {name} range {part!r} in {value!r} is reversed")
+            if match["step"] is not None and int(match["step"]) == 0:
+                raise ValueError(f"cron {name} step 0 in {value!r}")
+    return value
+
+
+def _cron_number(token: str, field: tuple[str, int, int, tuple[str, ...]], value: str) -> int:
+    name, low, high, names = field
+    if token.lower() in names:
+        return names.index(token.lower()) + low
+    if not token.isdigit() or not low <= int(token) <= high:
+        raise ValueError(f"cron {name} {token!r} in {value!r} is not in {low}-{high}")
+    return int(token)
+
+
 def _check_relative_glob(value: str) -> str:
     # These globs are expanded inside a checkout or a reports folder of an untrusted commit;
     # an absolute path or a ".." would let it read or publish files of the host.
@@ -405,13 +454,23 @@ class SecurityConfig(_StrictModel):
     licenses: LicensesConfig = Field(default_factory=LicensesConfig)
     signing_key: Path | None = None
     """The ed25519 key that signs provenance; None: home/keys/signing.pem (created once)."""
-    rescan_schedule: str = "0 3 * * *"
-    """Cron schedule of the rescan of deployed and released artifacts."""
+    rescan_schedule: Annotated[str, AfterValidator(_check_cron)] = "0 3 * * *"
+    """Cron schedule (UTC) of the rescan of what is in service."""
 
     @field_validator("advisory_db", "signing_key")
     @classmethod
     def _resolve_paths(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return None if path is None else _resolve_path(path, _config_path(info).parent)
+
+
+class ArtifactsConfig(_StrictModel):
+    """Retention of the artifact store (`cicd artifacts prune`). Commits live or standby in
+    an environment are kept whatever these say."""
+
+    retention_days: int | None = Field(default=90, ge=1)
+    """Artifacts unused for longer are deleted; None: kept forever."""
+    keep_last: int = Field(default=10, ge=0)
+    """The newest commits stored per repository always kept, for a rollback --to them."""
 
 
 class ControlConfig(_StrictModel):
@@ -426,6 +485,7 @@ class ControlConfig(_StrictModel):
     users: dict[str, UserConfig] = {}
     notifications: list[NotificationConfig] = []
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     _config_path: Path = PrivateAttr()
 

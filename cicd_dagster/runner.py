@@ -22,7 +22,10 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from cicd_dagster.sandbox import StepSandbox
 
 MASK = "***"
 # Shorter values are not masked: hiding every "a" or "on" would mangle the whole log while
@@ -128,8 +131,10 @@ def run_step(
     masker: SecretMasker | None = None,
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 40,
+    sandbox: StepSandbox | None = None,
 ) -> StepResult:
-    """Run `command` with `bash -e -o pipefail` in `cwd` with exactly `env`.
+    """Run `command` with `bash -e -o pipefail` in `cwd` with exactly `env`, inside
+    `sandbox` when given (then a step that cannot be isolated fails, see sandbox.py).
 
     The step owns its process group. On timeout the whole group gets SIGTERM, then SIGKILL
     after a grace. When bash exits, background processes it left behind are stopped too,
@@ -148,6 +153,7 @@ def run_step(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=sandbox.preexec if sandbox else None,
         )
         assert process.stdout is not None  # stdout=PIPE
         try:

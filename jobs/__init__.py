@@ -1,15 +1,19 @@
-"""Asset jobs: what a new commit (or `cicd run`) materializes."""
+"""Asset jobs and schedules: what a new commit (or `cicd run`) materializes, what a deploy
+runs, and the nightly rescan."""
 
 from dagster import (
-    AssetKey,
     AssetSelection,
+    DefaultScheduleStatus,
     DynamicPartitionsDefinition,
+    ScheduleDefinition,
     define_asset_job,
     in_process_executor,
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
+from assets.deploy import deployment_key
+from assets.rescan import RESCAN_GROUP
+from cicd_dagster.config import ControlConfig, EnvironmentConfig, RepositoryConfig
 
 
 def ci_job_name(repository: RepositoryConfig) -> str:
@@ -45,11 +49,35 @@ def deploy_job(
     (its no_drift check is the drift sensor's: it plans every environment)."""
     return define_asset_job(
         name=deploy_job_name(repository, environment),
-        selection=AssetSelection.assets(
-            AssetKey([repository.name, f"deployment_{environment.name}"])
-        ).without_checks(),
+        selection=AssetSelection.assets(deployment_key(repository, environment)).without_checks(),
         partitions_def=partitions,
         description=f"Deploy one commit of {repository.name} to {environment.name}.",
         tags={"cicd/repository": repository.name, "cicd/environment": environment.name},
         executor_def=in_process_executor,
+    )
+
+
+RESCAN_JOB = "security_rescan"
+
+
+def rescan_job() -> UnresolvedAssetJobDefinition:
+    """Every repository's security_rescan asset (the assets of the security_rescan group)."""
+    return define_asset_job(
+        name=RESCAN_JOB,
+        selection=AssetSelection.groups(RESCAN_GROUP),
+        description="Rescan what is in service against today's advisory database.",
+        executor_def=in_process_executor,
+    )
+
+
+def rescan_schedule(config: ControlConfig, job: UnresolvedAssetJobDefinition) -> ScheduleDefinition:
+    """security.rescan_schedule (nightly by default), in UTC; on as soon as the daemon runs,
+    since a rescan nobody turned on catches nothing."""
+    return ScheduleDefinition(
+        name=f"{RESCAN_JOB}_schedule",
+        cron_schedule=config.security.rescan_schedule,
+        execution_timezone="UTC",
+        job=job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="Rescans the commits in service (live or standby) for new advisories.",
     )

@@ -10,19 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, TableMetadataValue
 from dagster._core.utils import make_new_run_id
 
 from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
 from assets.deploy import ROLLBACK_TAG, TRIGGER_TAG
 from assets.partitions import commit_partitions
+from assets.rescan import rescan_key
 from cicd_dagster.config import ControlConfig, RepositoryConfig
 from cicd_dagster.definitions import build_definitions
 from cicd_dagster.locks import file_lock
 from cicd_dagster.report import run_report, stage_of_asset
 from cicd_dagster.stages.deploy import environment_for
 from cicd_dagster.store import HistoryStore
-from jobs import ci_job_name, deploy_job_name
+from jobs import RESCAN_JOB, ci_job_name, deploy_job_name
 
 
 def use_instance(config: ControlConfig) -> DagsterInstance:
@@ -91,20 +92,100 @@ def _execute(
 ) -> ExecuteInProcessResult:
     """Run a job of one commit's partition in this process, against the instance."""
     instance = use_instance(config)
-    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(job_name)
     partitions_name = commit_partitions(repository).name or ""
     if not instance.has_dynamic_partition(partitions_name, sha):
         instance.add_dynamic_partitions(partitions_name, [sha])
+    return _execute_job(config, job_name, run_id, tags, stream_logs, partition_key=sha)
+
+
+def _execute_job(
+    config: ControlConfig,
+    job_name: str,
+    run_id: str,
+    tags: dict[str, str],
+    stream_logs: bool,
+    *,
+    partition_key: str | None = None,
+    assets: set[AssetKey] | None = None,
+) -> ExecuteInProcessResult:
+    """Run a job (or only some of its assets, with their checks) in this process."""
+    job = build_definitions(config, stream_logs=stream_logs).resolve_job_def(job_name)
+    if assets is not None:
+        checks = job.asset_layer.asset_graph.asset_check_keys
+        job = job.get_subset(
+            asset_selection=assets,
+            asset_check_selection={check for check in checks if check.asset_key in assets},
+        )
     # The CLI shows its own progress; Dagster's console logger speaks up with --verbose.
     log_level = "DEBUG" if stream_logs else "CRITICAL"
     return job.execute_in_process(
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        instance=instance,
-        partition_key=sha,
+        instance=use_instance(config),
+        partition_key=partition_key,
         run_id=run_id,
         tags={TRIGGER_TAG: "cli", **tags},
         raise_on_error=False,
     )
+
+
+def rescan_in_process(
+    config: ControlConfig, repository: str | None = None, *, stream_logs: bool = False
+) -> list[dict[str, Any]]:
+    """Run the security_rescan job now (every repository, or one); per repository, what its
+    security_rescan asset reported: its metadata, findings as rows, and the check."""
+    repositories = [config.repository(repository)] if repository else config.repositories
+    result = _execute_job(
+        config,
+        RESCAN_JOB,
+        new_run_id(),
+        {},
+        stream_logs,
+        assets={rescan_key(r) for r in repositories},
+    )
+    checks = {e.asset_key: e for e in result.get_asset_check_evaluations()}
+    materialized = {
+        event.step_materialization_data.materialization.asset_key: (
+            event.step_materialization_data.materialization.metadata
+        )
+        for event in result.get_asset_materialization_events()
+    }
+    failures = [e.step_failure_data for e in result.get_step_failure_events()]
+    reports = []
+    for repo in repositories:
+        key = rescan_key(repo)
+        if key not in materialized:
+            error = failures[0].error if failures else None
+            reports.append(
+                {
+                    "repository": repo.name,
+                    "passed": False,
+                    "detail": error.message.strip() if error else "the rescan failed",
+                }
+            )
+            continue
+        metadata = materialized[key]
+        check = checks[key]
+        findings = metadata["findings"]
+        assert isinstance(findings, TableMetadataValue)  # rescan_metadata makes a table
+        reports.append(
+            {
+                "repository": repo.name,
+                "passed": check.passed,
+                "detail": check.metadata["detail"].value,
+                **{
+                    label: metadata[label].value
+                    for label in (
+                        "commits_rescanned",
+                        "new_findings",
+                        "blocking_findings",
+                        "unscannable_commits",
+                    )
+                },
+                "advisories": metadata["advisories"].value if "advisories" in metadata else None,
+                "findings": [dict(record.data) for record in findings.records],
+            }
+        )
+    return reports
 
 
 def _recorded_stages(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]]:

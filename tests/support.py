@@ -156,12 +156,15 @@ def eventually(check: Callable[[], T | None], within_s: float = 30.0) -> T:
 
 def tear_down(environment: Environment) -> None:
     """Stop everything an environment runs, even after a test failed half-way: its slots,
-    whatever else its target still runs, and its router."""
-    environment.down()
-    for state in environment.target.all():
-        environment.target.stop(state.name, timeout_s=5)
-        for pid in (state.pid, state.child_pid):
-            if pid is not None:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    environment.router.stop()
+    whatever else its target still runs, and its router. An error of down() is raised
+    after the rest is stopped."""
+    try:
+        environment.down()
+    finally:
+        for state in environment.target.all():
+            environment.target.stop(state.name, timeout_s=5)
+            for pid in (state.pid, state.child_pid):
+                if pid is not None:
+                    with suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        environment.router.stop()

@@ -34,6 +34,7 @@ from cicd_dagster.deploy.router import Backend, NginxRouter, RouterError
 from cicd_dagster.deploy.target import Limits, ServiceSpec, ServiceTarget, SupervisorError
 from cicd_dagster.locks import file_lock
 from cicd_dagster.runner import SecretMasker, base_environment, run_step
+from cicd_dagster.sandbox import StepSandbox
 
 DeployStatus = Literal["deployed", "rolled_back", "failed"]
 
@@ -258,10 +259,12 @@ class Environment:
         *,
         smoke: str | None = None,
         smoke_timeout_s: float = 60.0,
+        smoke_sandbox: StepSandbox | None = None,
         rollback_window_s: float = DEFAULT_ROLLBACK_WINDOW_S,
     ) -> None:
         """`probe` says how to probe (its path is replaced by each release's health_path);
-        `smoke` is a bash command run after the probes pass, with URL set to the replica."""
+        `smoke` is a bash command run after the probes pass, with URL set to the replica,
+        in `smoke_sandbox` when given."""
         self.name = name
         self.state_dir = state_dir
         self.router = router
@@ -269,6 +272,7 @@ class Environment:
         self.probe = probe
         self.smoke = smoke
         self.smoke_timeout_s = smoke_timeout_s
+        self.smoke_sandbox = smoke_sandbox
         self.rollback_window_s = rollback_window_s
         self._state_path = state_dir / "state.json"
         self._lock_path = state_dir / "deploy.lock"
@@ -554,6 +558,7 @@ class Environment:
                 log_path=self.state_dir / "smoke" / f"{slot.name}.log",
                 masker=SecretMasker(secrets.values()),
                 tail_lines=_SMOKE_TAIL_LINES,
+                sandbox=self.smoke_sandbox,
             )
         except OSError as error:  # the release folder is gone, say
             return f"smoke test of {slot.name} could not run: {error}"

@@ -16,6 +16,7 @@ from packaging.metadata import parse_email
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidName, canonicalize_name
 
+from cicd_dagster.artifact_store import file_sha256
 from cicd_dagster.security.licenses import declared_license
 
 
@@ -64,10 +65,6 @@ def site_packages_dirs(env_dir: Path) -> list[Path]:
             "(no lib/python*/site-packages or Lib/site-packages)"
         )
     return sorted(found.values())
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _archive_sha256(dist_info: Path, warnings: list[str]) -> str | None:
@@ -127,7 +124,7 @@ def _read_dist_info(dist_info: Path, warnings: list[str]) -> _Read | None:
         license_source=source,
         summary=(raw.get("summary") or "").strip() or None,
         archive_sha256=_archive_sha256(dist_info, warnings),
-        record_sha256=_sha256(record) if record.is_file() else None,
+        record_sha256=file_sha256(record) if record.is_file() else None,
         dist_info=dist_info.name,
     )
     return _Read(dependency, tuple(requirements))

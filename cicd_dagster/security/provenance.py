@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from packaging.utils import canonicalize_name
 
+from cicd_dagster.artifact_store import file_sha256
+
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -144,11 +146,6 @@ class VerifiedProvenance:
     started_on: str | None
     finished_on: str | None
     statement: dict[str, Any] = field(repr=False, compare=False)
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

@@ -3,7 +3,7 @@ dependencies of the build environment and the files the build produced."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from cyclonedx.model.component import Component, ComponentType
 from cyclonedx.output.json import JsonV1Dot6
 from packageurl import PackageURL
 
+from cicd_dagster.artifact_store import file_sha256
 from cicd_dagster.security.dependencies import Dependency
 
 SPEC_VERSION = "1.6"
@@ -51,9 +52,7 @@ class ArtifactFile:
             raise SbomError(f"artifact {path}: outside {root}")
         if not real.is_file():
             raise SbomError(f"artifact {path}: not a file")
-        with real.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        return cls(real.relative_to(real_root).as_posix(), digest)
+        return cls(real.relative_to(real_root).as_posix(), file_sha256(real))
 
 
 @dataclass(frozen=True)
@@ -175,3 +174,30 @@ def build_sbom(
         licenses=dict(sorted(licenses.items())),
     )
     return Sbom(JsonV1Dot6(bom).output_as_string(indent=2), summary, bom.serial_number.urn)
+
+
+def sbom_libraries(text: str, source: str) -> list[tuple[str, str]]:
+    """The (name, version) of every PyPI library a CycloneDX JSON SBOM lists: what a rescan
+    matches against advisories. SbomError names `source` when the document is unusable."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SbomError(f"{source}: not JSON ({error})") from error
+    if not isinstance(document, dict) or document.get("bomFormat") != "CycloneDX":
+        raise SbomError(f"{source}: not a CycloneDX SBOM (no bomFormat CycloneDX)")
+    components = document.get("components", [])
+    if not isinstance(components, list):
+        raise SbomError(f"{source}: components is not a list")
+    libraries = []
+    for index, component in enumerate(components):
+        purl = component.get("purl") if isinstance(component, dict) else None
+        if not isinstance(purl, str) or not purl.startswith("pkg:pypi/"):
+            continue
+        try:
+            parsed = PackageURL.from_string(purl)
+        except ValueError as error:
+            raise SbomError(f"{source}: components[{index}].purl {purl!r}: {error}") from error
+        if not parsed.version:
+            raise SbomError(f"{source}: components[{index}].purl {purl!r} has no version")
+        libraries.append((parsed.name, parsed.version))
+    return libraries

@@ -22,7 +22,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from cicd_dagster.artifact_store import ArtifactRow, ArtifactStore, ArtifactStoreError
+from cicd_dagster.artifact_store import (
+    ArtifactRow,
+    ArtifactStore,
+    ArtifactStoreError,
+    file_sha256,
+)
 from cicd_dagster.config import ControlConfig, PipelineConfig
 from cicd_dagster.security.dependencies import (
     DependencyError,
@@ -37,7 +42,6 @@ from cicd_dagster.security.provenance import (
     SigningKeyError,
     Subject,
     VerifiedProvenance,
-    file_sha256,
     load_public_key,
     read_envelope,
     sign,

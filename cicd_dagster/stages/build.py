@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 from uv import find_uv_bin
 
+from cicd_dagster.artifact_store import file_sha256
 from cicd_dagster.config import PipelineConfig
 from cicd_dagster.git import checkout_id
 from cicd_dagster.locks import file_lock
@@ -84,6 +84,7 @@ def ensure_env(ctx: StageContext, pipeline: PipelineConfig) -> tuple[Path, str, 
             log_path=ctx.workspace.log_path(STAGE),
             masker=ctx.masker,
             on_line=ctx.on_line,
+            sandbox=ctx.sandbox,
         )
         if not create.ok:
             raise StageError("could not create the build environment", log_tail=create.log_tail)
@@ -171,14 +172,6 @@ def collect_artifacts(ctx: StageContext, patterns: list[str]) -> list[ArtifactRe
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(real, target)
             records[relative] = ArtifactRecord(
-                path=relative, sha256=_sha256(target), size_bytes=target.stat().st_size
+                path=relative, sha256=file_sha256(target), size_bytes=target.stat().st_size
             )
     return list(records.values())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -12,6 +12,7 @@ from uv import find_uv_bin
 
 from cicd_dagster.config import ControlConfig, PipelineConfig, RepositoryConfig
 from cicd_dagster.runner import SecretMasker, StepResult, base_environment, run_step
+from cicd_dagster.sandbox import StepSandbox, isolation_unavailable, sandbox_for
 from cicd_dagster.workspace import CommitWorkspace
 
 
@@ -83,6 +84,15 @@ class StageContext:
     def masker(self) -> SecretMasker:
         return SecretMasker(self.secrets.values())
 
+    @cached_property
+    def sandbox(self) -> StepSandbox | None:
+        """Where this commit's steps run: the control plane's keys hidden from them, or
+        None (with a warning) where this machine cannot isolate steps."""
+        sandbox = sandbox_for(self.config)
+        if sandbox is None:
+            self.warnings.append(f"build steps can read the signing key: {isolation_unavailable()}")
+        return sandbox
+
     def step_env(
         self, stage: str, pipeline: PipelineConfig, env_dir: Path | None
     ) -> dict[str, str]:
@@ -119,6 +129,7 @@ class StageContext:
             log_path=self.workspace.log_path(stage),
             masker=self.masker,
             on_line=self.on_line,
+            sandbox=self.sandbox,
         )
 
 

@@ -1,8 +1,9 @@
 """deployment_<env>: a green commit's service into one environment of the promotion chain.
 
-The commit must be green (every stage and gate recorded passed, with a build) and, past
-the first environment, verified in the previous one at some time (or in this one before:
-a rollback). Its checkout is copied once to home/releases/<repo>/<sha> (workspaces are
+The commit must be green (every stage and gate recorded passed, with a build), its signed
+provenance must verify with its artifacts in the release as signed, and past the first
+environment it must have been verified in the previous one at some time (or in this one
+before: a rollback). Its checkout is copied once to home/releases/<repo>/<sha> (workspaces are
 pruned) and run with the build's venv as a local, supervised service behind the
 environment's nginx router, whose port is allocated once and kept in
 home/routers/<repo>-<env>/port.
@@ -11,7 +12,7 @@ Configuration: the service gets the step environment, the environment's `env` se
 and its secrets (the repository's, then the environment's), which travel as references
 ("env:VAR", "file:/path") and are read only when a replica starts. The config digest, an
 HMAC of the settings and the secrets' values under a random key kept in
-home/deploy-digest.key (0600), tells a change of config without storing a value: the
+home/keys/deploy-digest.key (0600), tells a change of config without storing a value: the
 commit that is live, with a new digest, deploys as a new release.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cicd_dagster.artifact_store import file_sha256
 from cicd_dagster.config import ControlConfig, EnvironmentConfig, PipelineConfig
 from cicd_dagster.deploy import layout
 from cicd_dagster.deploy.docker import (
@@ -51,6 +53,9 @@ from cicd_dagster.deploy.strategies import (
 from cicd_dagster.deploy.target import Limits, ServiceTarget
 from cicd_dagster.locks import file_lock
 from cicd_dagster.runner import SecretMasker
+from cicd_dagster.sandbox import sandbox_for
+from cicd_dagster.security.provenance import ProvenanceError, SigningKeyError
+from cicd_dagster.stages.artifact import SBOM_NAME, verify_commit
 from cicd_dagster.stages.build import load_build
 from cicd_dagster.stages.context import StageContext, StageError
 from cicd_dagster.stages.source import load_source
@@ -92,6 +97,7 @@ def environment_for(
         probe,
         smoke=verify.smoke,
         smoke_timeout_s=verify.smoke_timeout_s,
+        smoke_sandbox=sandbox_for(config),
         rollback_window_s=verify.rollback_window_s,
     )
 
@@ -162,11 +168,21 @@ def config_digest(home: Path, settings: Mapping[str, str], secret_values: Mappin
     return hmac.new(_digest_key(home), payload.encode(), hashlib.sha256).hexdigest()
 
 
+def digest_key_path(home: Path) -> Path:
+    """In home/keys, which build steps never see (sandbox.py): a step could otherwise read
+    the key, or create it before the first deploy and so know it."""
+    return home / "keys" / "deploy-digest.key"
+
+
 def _digest_key(home: Path) -> bytes:
-    path = home / "deploy-digest.key"
+    path = digest_key_path(home)
+    legacy = home / "deploy-digest.key"  # where it was before 0.2: same key, same digests
+    if legacy.exists() and not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.replace(legacy, path)
     if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        partial = home / f"deploy-digest.key.{os.getpid()}.tmp"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = path.with_name(f"deploy-digest.key.{os.getpid()}.tmp")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(secrets.token_bytes(32))
@@ -207,6 +223,7 @@ def release_of(
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(ctx.workspace.checkout, partial, symlinks=True)
             partial.rename(target)
+    _check_signed(ctx, target)
     references = secret_references(ctx, environment)
     try:
         values = resolve_secrets(references)
@@ -244,6 +261,27 @@ def release_of(
         config_digest=config_digest(ctx.config.home, {**pipeline.env, **environment.env}, values),
         health_path=service.health,
     )
+
+
+def _check_signed(ctx: StageContext, release_dir: Path) -> None:
+    """Only what the commit's provenance signs is deployed: the provenance must verify,
+    and each signed artifact must be in the release folder with its signed digest (the
+    wheels a docker image installs are taken from there)."""
+    try:
+        verified = verify_commit(ctx.config, ctx.repository.name, ctx.sha)
+    except (ProvenanceError, SigningKeyError) as error:
+        raise StageError(f"{ctx.sha[:12]} has no provenance that verifies: {error}") from error
+    for subject in verified.subjects:
+        if subject.name == SBOM_NAME:
+            continue  # made by the artifact stage, never part of the release
+        path = release_dir / subject.name
+        if not path.is_file():
+            raise StageError(f"signed artifact {subject.name} is not in the release {release_dir}")
+        if file_sha256(path) != subject.sha256:
+            raise StageError(
+                f"{path} is not the signed {subject.name} (sha256 {subject.sha256[:16]}…): "
+                f"changed after the build; delete {release_dir} and rebuild"
+            )
 
 
 def _release_image(

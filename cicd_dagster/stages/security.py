@@ -28,6 +28,7 @@ from cicd_dagster.reports import ReportError
 from cicd_dagster.security.dependencies import DependencyError, resolved_dependencies
 from cicd_dagster.security.licenses import LicensePolicyError, check_licenses
 from cicd_dagster.security.osv import (
+    AdvisoryDatabase,
     AdvisoryDatabaseError,
     DependencyVersionError,
     load_advisories,
@@ -123,7 +124,7 @@ def run_security_scan(
             raw = _scan(ctx, pipeline, build)
             ctx.workspace.save_result(STAGE, key, asdict(raw))
     suppressions = pipeline.security.suppressions
-    findings = [_suppress(f, suppressions, raw.aliases, today) for f in raw.findings]
+    findings = apply_suppressions(raw.findings, suppressions, raw.aliases, today)
     expired = [entry for entry in suppressions if entry.expires < today]
     warnings = [
         *raw.warnings,
@@ -154,7 +155,7 @@ def evaluate_security_gates(scan: SecurityScan, fail_on: str) -> list[GateRecord
         _gate(
             "no_vulnerabilities",
             scan,
-            [f for f in scan.of_kind("dependency") if _reaches(f.severity, fail_on)],
+            [f for f in scan.of_kind("dependency") if reaches(f.severity, fail_on)],
             f"at or above {fail_on}",
             None
             if scan.advisories is not None
@@ -171,7 +172,7 @@ def evaluate_security_gates(scan: SecurityScan, fail_on: str) -> list[GateRecord
         _gate(
             "no_sast_findings",
             scan,
-            [f for f in scan.of_kind("sast") if _reaches(f.severity, fail_on)],
+            [f for f in scan.of_kind("sast") if reaches(f.severity, fail_on)],
             f"at or above {fail_on}",
             None if scan.tools else "no static analyser ran",
         ),
@@ -260,38 +261,9 @@ def _scan(ctx: StageContext, pipeline: PipelineConfig, build: BuildOutcome) -> _
         if advisory_db is not None:
             db = load_advisories(advisory_db)
             advisories = len(db.advisories)
-            warnings += [f"advisory skipped: {warning}" for warning in db.warnings]
-            for name, version in installed:
-                try:
-                    vulnerable = match(db, [(name, version)])
-                except DependencyVersionError as error:
-                    # Advisories exist but cannot be judged: fail closed, as unknown severity.
-                    findings.append(
-                        FindingRecord(
-                            kind="dependency",
-                            tool="osv",
-                            rule="unorderable-version",
-                            severity="unknown",
-                            message=str(error),
-                            package=canonicalize_name(name),
-                            version=version,
-                        )
-                    )
-                    continue
-                for vulnerability in vulnerable:
-                    aliases[vulnerability.advisory_id] = list(vulnerability.aliases)
-                    fixed = ", ".join(vulnerability.fixed_versions) or "none known"
-                    findings.append(
-                        FindingRecord(
-                            kind="dependency",
-                            tool="osv",
-                            rule=vulnerability.advisory_id,
-                            severity=vulnerability.severity,
-                            message=f"{vulnerability.summary} (fixed in: {fixed})",
-                            package=vulnerability.package,
-                            version=vulnerability.installed_version,
-                        )
-                    )
+            warnings += advisory_warnings(db)
+            vulnerable, aliases = dependency_findings(db, installed)
+            findings += vulnerable
         licences = ctx.config.security.licenses
         findings += [
             FindingRecord(
@@ -325,6 +297,51 @@ def _scan(ctx: StageContext, pipeline: PipelineConfig, build: BuildOutcome) -> _
         scanned_at=scanned_at,
         duration_s=time.monotonic() - started,
     )
+
+
+def advisory_warnings(db: AdvisoryDatabase) -> list[str]:
+    return [f"advisory skipped: {warning}" for warning in db.warnings]
+
+
+def dependency_findings(
+    db: AdvisoryDatabase, installed: Sequence[tuple[str, str]]
+) -> tuple[list[FindingRecord], dict[str, list[str]]]:
+    """The advisories affecting the installed (name, version) pairs, as findings, and the
+    aliases of each advisory id (so that a suppression may name a CVE)."""
+    findings: list[FindingRecord] = []
+    aliases: dict[str, list[str]] = {}
+    for name, version in installed:
+        try:
+            vulnerable = match(db, [(name, version)])
+        except DependencyVersionError as error:
+            # Advisories exist but cannot be judged: fail closed, as unknown severity.
+            findings.append(
+                FindingRecord(
+                    kind="dependency",
+                    tool="osv",
+                    rule="unorderable-version",
+                    severity="unknown",
+                    message=str(error),
+                    package=canonicalize_name(name),
+                    version=version,
+                )
+            )
+            continue
+        for vulnerability in vulnerable:
+            aliases[vulnerability.advisory_id] = list(vulnerability.aliases)
+            fixed = ", ".join(vulnerability.fixed_versions) or "none known"
+            findings.append(
+                FindingRecord(
+                    kind="dependency",
+                    tool="osv",
+                    rule=vulnerability.advisory_id,
+                    severity=vulnerability.severity,
+                    message=f"{vulnerability.summary} (fixed in: {fixed})",
+                    package=vulnerability.package,
+                    version=vulnerability.installed_version,
+                )
+            )
+    return findings, aliases
 
 
 def _sast_record(finding: Finding, ctx: StageContext) -> FindingRecord:
@@ -401,6 +418,16 @@ def _covers(
     )
 
 
+def apply_suppressions(
+    findings: Sequence[FindingRecord],
+    suppressions: Sequence[SuppressionConfig],
+    aliases: dict[str, list[str]],
+    today: date,
+) -> list[FindingRecord]:
+    """The findings, those a suppression live on `today` covers marked suppressed."""
+    return [_suppress(f, suppressions, aliases, today) for f in findings]
+
+
 def _suppress(
     finding: FindingRecord,
     suppressions: Sequence[SuppressionConfig],
@@ -425,7 +452,8 @@ def _describe(entry: SuppressionConfig) -> str:
     return f"suppression of {entry.rule}{scope} (expires {entry.expires.isoformat()})"
 
 
-def _reaches(severity: str, fail_on: str) -> bool:
+def reaches(severity: str, fail_on: str) -> bool:
+    """Whether a finding of `severity` is at or above `fail_on`; unknown reaches all."""
     if severity not in SEVERITIES:  # unknown
         return True
     return SEVERITIES.index(severity) >= SEVERITIES.index(fail_on)

@@ -6,7 +6,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cicd_dagster.config import PipelineConfig, parse_pipeline_config
+from cicd_dagster.config import (
+    ControlConfig,
+    PipelineConfig,
+    RepositoryConfig,
+    parse_pipeline_config,
+)
 from cicd_dagster.git import CommitInfo, Mirror, ls_remote, prune_workspaces
 from cicd_dagster.stages.context import StageContext, StageError
 
@@ -26,7 +31,20 @@ class SourceOutcome:
 
 
 def mirror_for(ctx: StageContext) -> Mirror:
-    return Mirror(ctx.config.git_dir / f"{ctx.repository.name}.git", ctx.repository.url)
+    return mirror_of(ctx.config, ctx.repository)
+
+
+def mirror_of(config: ControlConfig, repository: RepositoryConfig) -> Mirror:
+    return Mirror(config.git_dir / f"{repository.name}.git", repository.url)
+
+
+def pipeline_at(config: ControlConfig, repository: RepositoryConfig, sha: str) -> PipelineConfig:
+    """The .cicd.yml of a commit, read from the mirror (its workspace may be long gone)."""
+    source_name = f"{repository.name}@{sha[:12]}:{PIPELINE_FILE}"
+    text = mirror_of(config, repository).read_file(sha, PIPELINE_FILE)
+    if text is None:
+        raise StageError(f"{source_name}: the commit has no {PIPELINE_FILE} at its root")
+    return parse_pipeline_config(text, source_name)
 
 
 def default_branch(ctx: StageContext, mirror: Mirror) -> str:
@@ -53,11 +71,7 @@ def prepare_source(ctx: StageContext) -> SourceOutcome:
     if not mirror.has_commit(ctx.sha):
         raise StageError(f"commit {ctx.sha} is not in {ctx.repository.url} (force-pushed away?)")
     commit = mirror.commit_info(ctx.sha)
-    source_name = f"{ctx.repository.name}@{ctx.sha[:12]}:{PIPELINE_FILE}"
-    text = mirror.read_file(ctx.sha, PIPELINE_FILE)
-    if text is None:
-        raise StageError(f"{source_name}: the commit has no {PIPELINE_FILE} at its root")
-    pipeline = parse_pipeline_config(text, source_name)
+    pipeline = pipeline_at(ctx.config, ctx.repository, ctx.sha)
     checkout = mirror.checkout(ctx.sha, ctx.workspace.checkout)
     prune_workspaces(
         checkout.parent, ctx.repository.keep_workspaces, protect=[ctx.workspace.checkout]

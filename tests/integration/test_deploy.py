@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cicd_dagster.config import ControlConfig, load_control_config
+from cicd_dagster.stages.artifact import PROVENANCE_NAME, artifact_store
 from cicd_dagster.stages.deploy import environment_for
 from cicd_dagster.store import HistoryStore
 from cicd_dagster.workspace import CommitWorkspace
@@ -180,6 +181,35 @@ def test_cli_deploy_exits_1_when_refused_and_down_stops_the_environment(tmp_path
     env = environment_for(control, "app", control.environment("dev"))
     assert env.slots() == []
     assert not any(s.status in ("starting", "running") for s in env.target.all())
+
+
+def test_only_signed_artifacts_deploy(tmp_path, control):
+    """A release whose artifact changed after signing, or whose stored provenance was
+    tampered with, is refused with the reason; the environment keeps what it runs."""
+    repo = tmp_path / "app"
+    good = app_commit(repo)
+    assert ci(control, good) == "success"
+    assert deploy_commit_in_process(control, "app", "dev", good)["status"] == "deployed"
+
+    changed = app_commit(repo, message="feat: changed after signing")
+    assert ci(control, changed) == "success"
+    built = CommitWorkspace.for_commit(control, "app", changed).checkout / "dist" / "app.txt"
+    built.write_text("not what was signed\n")
+    refused = deploy_commit_in_process(control, "app", "dev", changed)
+    assert refused["status"] == "refused"
+    assert "is not the signed dist/app.txt" in refused["reason"]
+
+    forged = app_commit(repo, message="feat: forged provenance")
+    assert ci(control, forged) == "success"
+    store = artifact_store(control)
+    row = next(r for r in store.list("app") if r.commit == forged and r.name == PROVENANCE_NAME)
+    blob = store.path(row.digest)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes().replace(b'"payload": "', b'"payload": "e30'))
+    refused = deploy_commit_in_process(control, "app", "dev", forged)
+    assert refused["status"] == "refused"
+    assert "has no provenance that verifies" in refused["reason"]
+    assert serves(control, "dev") == {good}
 
 
 TOKEN, PASSWORD, NEW_PASSWORD = "tok-9f8e7d6c5b4a", "pw-1a2b3c4d5e", "pw-rotated-6f7g"

@@ -841,3 +841,39 @@ def test_merge_keys_share_settings_and_errors_point_at_the_merging_entry(
     assert str(error) == (
         "cicd.yaml:2: repositories[0].poll_interval_s: Input should be greater than or equal to 5"
     )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "problem"),
+    [
+        ("0 3 * *", "cron expression '0 3 * *' needs 5 fields"),
+        ("61 3 * * *", "cron minute '61' in '61 3 * * *' is not in 0-59"),
+        ("0 3 * 13 *", "cron month '13' in '0 3 * 13 *' is not in 1-12"),
+        ("0 5-2 * * *", "cron hour range '5-2' in '0 5-2 * * *' is reversed"),
+        ("0 3 * * */0", "cron day of week step 0"),
+        ("0 3 ? * *", "cron day of month '?' in '0 3 ? * *' is not valid"),
+    ],
+)
+def test_a_bad_rescan_schedule_is_named_at_its_line(
+    write_config: WriteConfig, schedule: str, problem: str
+) -> None:
+    error = control_config_error(
+        write_config(f"""\
+            repositories: [{{name: app, url: /srv/git/app}}]
+            security:
+              rescan_schedule: "{schedule}"
+            """)
+    )
+    assert str(error).startswith("cicd.yaml:3: security.rescan_schedule: ")
+    assert problem in str(error)
+
+
+@pytest.mark.parametrize("schedule", ["30 1 * * *", "*/15 1-5 * jan-mar mon-fri", "@daily"])
+def test_cron_schedules_in_common_forms_are_accepted(
+    write_config: WriteConfig, schedule: str
+) -> None:
+    path = write_config(f"""\
+        repositories: [{{name: app, url: /srv/git/app}}]
+        security: {{rescan_schedule: "{schedule}"}}
+        """)
+    assert config.load_control_config(path).security.rescan_schedule == schedule

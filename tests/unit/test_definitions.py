@@ -37,7 +37,7 @@ def graph_of(defs: Definitions) -> dict:
             "/".join(key.path): {
                 "group": graph.get(key).group_name,
                 "deps": sorted("/".join(dep.path) for dep in graph.get(key).parent_keys),
-                "partitions": graph.get(key).partitions_def.name,
+                "partitions": getattr(graph.get(key).partitions_def, "name", None),
             }
             for key in sorted(graph.get_all_asset_keys())
         },
@@ -54,6 +54,14 @@ def graph_of(defs: Definitions) -> dict:
         "sensors": {
             sensor.name: sensor.minimum_interval_seconds for sensor in repository.sensor_defs
         },
+        "schedules": {
+            schedule.name: [
+                schedule.cron_schedule,
+                schedule.job_name,
+                schedule.default_status.value,
+            ]
+            for schedule in repository.schedule_defs
+        },
     }
 
 
@@ -67,3 +75,15 @@ def test_asset_graph_matches_the_snapshot(tmp_path):
     if os.environ.get("CICD_UPDATE_SNAPSHOTS"):
         SNAPSHOT.write_text(json.dumps(graph, indent=2, sort_keys=True) + "\n")
     assert graph == json.loads(SNAPSHOT.read_text())
+
+
+def test_the_rescan_schedule_follows_cicd_yaml(tmp_path):
+    config = tmp_path / "cicd.yaml"
+    config.write_text(
+        "repositories: [{name: app, url: /srv/git/app}]\n"
+        "security: {rescan_schedule: '30 1 * * mon-fri'}\n"
+    )
+    schedule = build_definitions(load_control_config(config)).get_schedule_def(
+        "security_rescan_schedule"
+    )
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * mon-fri", "UTC")

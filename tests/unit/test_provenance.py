@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cicd_dagster.artifact_store import file_sha256
 from cicd_dagster.security.provenance import (
     BUILD_TYPE,
     PAYLOAD_TYPE,
@@ -33,7 +34,6 @@ from cicd_dagster.security.provenance import (
     SigningKey,
     SigningKeyError,
     Subject,
-    file_sha256,
     key_id,
     load_public_key,
     pae,

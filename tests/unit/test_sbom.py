@@ -14,7 +14,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
 from cicd_dagster.security.dependencies import Dependency, resolved_dependencies
-from cicd_dagster.security.sbom import ArtifactFile, SbomError, build_sbom
+from cicd_dagster.security.sbom import ArtifactFile, SbomError, build_sbom, sbom_libraries
 from tests.unit.test_dependencies import make_env
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -168,3 +168,31 @@ def test_an_artifact_that_is_not_a_file_is_refused(checkout, path):
 def test_bad_input_is_an_error_naming_the_field(commit, dependencies, artifacts, message):
     with pytest.raises(SbomError, match=re.escape(message)):
         build_sbom("repo", commit, dependencies, artifacts)
+
+
+def test_a_rescan_reads_back_the_libraries_an_sbom_lists(environment, checkout):
+    dependencies, _ = environment
+    artifacts = [ArtifactFile.from_file(checkout, Path("dist/app-1.0.whl"))]
+    sbom = build_sbom("shop-api", COMMIT, dependencies, artifacts)
+    assert sorted(sbom_libraries(sbom.json, "sbom.cdx.json")) == sorted(
+        (d.name, d.version) for d in dependencies
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "not a CycloneDX SBOM"),
+        ('{"bomFormat": "SPDX"}', "not a CycloneDX SBOM"),
+        ('{"bomFormat": "CycloneDX", "components": {}}', "components is not a list"),
+        (
+            '{"bomFormat": "CycloneDX", "components": [{"purl": "pkg:pypi/flask"}]}',
+            "components[0].purl 'pkg:pypi/flask' has no version",
+        ),
+    ],
+)
+def test_an_unusable_sbom_is_named_with_what_is_wrong(text, problem):
+    with pytest.raises(SbomError, match=re.escape(problem)) as caught:
+        sbom_libraries(text, "app@0123/sbom.cdx.json")
+    assert str(caught.value).startswith("app@0123/sbom.cdx.json: ")
