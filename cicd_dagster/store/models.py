@@ -309,3 +309,91 @@ class HealthProbe(Base):
     status_code: Mapped[int | None]
     latency_ms: Mapped[float]
     error: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Release(Base):
+    """A version of a repository: tagged at a commit, with its changelog and report."""
+
+    __tablename__ = "releases"
+    __table_args__ = (
+        sa.UniqueConstraint("repository_id", "version"),
+        sa.Index(None, "repository_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    version: Mapped[str] = mapped_column(sa.String(64))
+    tag: Mapped[str] = mapped_column(sa.String(255))
+    commit_sha: Mapped[str] = mapped_column(sa.String(40))
+    previous_version: Mapped[str | None] = mapped_column(sa.String(64))
+    bump: Mapped[str] = mapped_column(sa.String(16))
+    prerelease: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    commit_count: Mapped[int]
+    changelog: Mapped[str] = mapped_column(sa.Text)
+    notes_path: Mapped[str | None] = mapped_column(sa.Text)
+    report_path: Mapped[str | None] = mapped_column(sa.Text)
+    run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_by: Mapped[str | None] = mapped_column(sa.String(255))
+    created_at: Mapped[datetime]
+
+
+class User(Base):
+    """Someone who may act on the control plane (approve): roles beside cicd.yaml's."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    email: Mapped[str | None] = mapped_column(sa.String(255))
+    roles: Mapped[list[str]] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]
+
+
+class ApiToken(Base):
+    """An API token of a user, kept only as the sha256 of its value."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"))
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class Approval(Base):
+    """An approval of a commit for an environment, or a refused attempt to give one."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (sa.Index(None, "repository_id", "environment", "commit_sha"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    environment: Mapped[str] = mapped_column(sa.String(64))
+    commit_sha: Mapped[str] = mapped_column(sa.String(40))
+    user_name: Mapped[str | None] = mapped_column(sa.String(64))
+    """None when the token matched no user."""
+    decision: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    at: Mapped[datetime]
+
+
+class Delivery(Base):
+    """An event's delivery to one notification channel: attempts, outcome, next retry."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("event_id", "channel"),
+        sa.Index(None, "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(sa.ForeignKey("events.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(sa.String(255))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    next_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
