@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the four benchmarks one after the other (never in parallel: they would disturb
+# Runs the five benchmarks one after the other (never in parallel: they would disturb
 # each other's timings). Each prints a table and writes benchmarks/results/<name>.json.
 #   RUNS=5 COMMITS=5 bash benchmarks/run_all.sh
 set -uo pipefail
@@ -19,4 +19,5 @@ bench 2400 benchmarks/bench_cli_vs_shell.py --runs "$runs"
 bench 1200 benchmarks/bench_rerun.py --reruns "$runs"
 bench 900 benchmarks/bench_sensor_latency.py --commits "$commits"
 bench 600 benchmarks/bench_deploy.py --runs "$runs"
+bench 900 benchmarks/bench_security.py --runs "$runs"
 exit "$status"
