@@ -18,18 +18,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import yaml
 from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 Severity = Literal["low", "medium", "high", "critical", "unknown"]
 Threshold = Literal["low", "medium", "high", "critical"]
 
 ECOSYSTEM = "PyPI"
 ADVISORY_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
+# libyaml's safe loader: a database is thousands of files, and the pure-Python parsers take
+# three times as long (benchmarks/README.md, finding 5).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SUMMARY_LIMIT = 200
 
 _THRESHOLDS: tuple[Threshold, ...] = get_args(Threshold)
@@ -300,11 +302,11 @@ def _read_document(path: Path) -> object:
         except json.JSONDecodeError as error:
             raise _Unusable(f"not valid JSON: {error.msg} at line {error.lineno}") from None
     try:
-        return YAML(typ="safe").load(text)
-    except MarkedYAMLError as error:
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 -- a safe loader
+    except yaml.MarkedYAMLError as error:
         line = f" at line {error.problem_mark.line + 1}" if error.problem_mark else ""
         raise _Unusable(f"not valid YAML: {error.problem or error.context}{line}") from None
-    except YAMLError as error:
+    except yaml.YAMLError as error:
         raise _Unusable(f"not valid YAML: {error}") from None
 
 
