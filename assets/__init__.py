@@ -6,6 +6,7 @@ from assets.artifact import artifact_assets
 from assets.build import build_asset
 from assets.deploy import deployment_assets
 from assets.drift import drift_checks
+from assets.qa import qa_assets
 from assets.security import security_asset
 from assets.source import source_asset
 from assets.tests import report_assets
@@ -24,4 +25,4 @@ def ci_assets(
     ]
 
 
-__all__ = ["ci_assets", "deployment_assets", "drift_checks"]
+__all__ = ["ci_assets", "deployment_assets", "drift_checks", "qa_assets"]

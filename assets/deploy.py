@@ -4,7 +4,11 @@ The assets are in their own group, <repo>_deploy, so the CI job never deploys. A
 failed or rolled-back deployment fails the asset with the reason (a rollback is also an
 error line of the run's log). Re-materializing an older partition's deployment is a
 rollback to that version: what `cicd rollback` runs, marked with the cicd/rollback tag.
+Where approvals are required, the metadata (also of a refusal) lists the commit's approvals
+and refused attempts.
 """
+
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -18,11 +22,13 @@ from dagster import (
 )
 
 from assets.artifact import artifact_key
-from assets.common import stage_context
+from assets.common import stage_context, table
 from cicd_dagster.config import EnvironmentConfig, RepositoryConfig
+from cicd_dagster.release.approvals import approval_status
 from cicd_dagster.resources import CicdResource
-from cicd_dagster.stages import StageError
+from cicd_dagster.stages import StageContext, StageError
 from cicd_dagster.stages.deploy import deploy_commit, environment_for
+from cicd_dagster.store import HistoryStore
 
 TRIGGER_TAG = "cicd/trigger"
 ROLLBACK_TAG = "cicd/rollback"  # "true" on runs of `cicd rollback`
@@ -30,6 +36,10 @@ ROLLBACK_TAG = "cicd/rollback"  # "true" on runs of `cicd rollback`
 
 def deployment_key(repository: RepositoryConfig, environment: EnvironmentConfig) -> AssetKey:
     return AssetKey([repository.name, f"deployment_{environment.name}"])
+
+
+def qa_key(repository: RepositoryConfig, environment: EnvironmentConfig) -> AssetKey:
+    return AssetKey([repository.name, f"qa_{environment.name}"])
 
 
 def deploy_group(repository: RepositoryConfig) -> str:
@@ -45,6 +55,9 @@ def deployment_asset(
     if previous is None:
         # Only a green commit has an artifact (it depends on every test report).
         deps = [artifact_key(repository)]
+    elif previous.qa:
+        # Stage -> QA -> next: the QA of the previous environment gates this one.
+        deps = [qa_key(repository, previous)]
     else:
         deps = [deployment_key(repository, previous)]
 
@@ -59,19 +72,23 @@ def deployment_asset(
     )
     def deployment(context: AssetExecutionContext, cicd: CicdResource) -> MaterializeResult:
         ctx = stage_context(context, cicd, repository.name)
+        history = cicd.history()
         try:
             outcome = deploy_commit(
                 ctx,
                 environment,
                 previous.name if previous else None,
-                cicd.history(),
+                history,
                 run_id=context.run_id,
                 triggered_by=context.run.tags.get(TRIGGER_TAG),
             )
         except StageError as error:
             raise Failure(
-                description=str(error), metadata={"status": "refused"}, allow_retries=False
+                description=str(error),
+                metadata={"status": "refused", **approvals_metadata(ctx, history, environment)},
+                allow_retries=False,
             ) from error
+        approvals = approvals_metadata(ctx, history, environment)
         timeline = "\n".join(f"- {event}" for event in outcome.events)
         if outcome.status == "rolled_back":
             context.log.error(
@@ -87,6 +104,7 @@ def deployment_asset(
                     "rollback_s": outcome.rollback_s if outcome.rollback_s is not None else -1.0,
                     "config_digest": outcome.config_digest,
                     "timeline": MetadataValue.md(timeline),
+                    **approvals,
                 },
                 allow_retries=False,
             )
@@ -103,10 +121,28 @@ def deployment_asset(
                 "rollback": context.run.tags.get(ROLLBACK_TAG) == "true",
                 "duration_s": round(outcome.duration_s, 3),
                 "timeline": MetadataValue.md(timeline),
+                **approvals,
             }
         )
 
     return deployment
+
+
+def approvals_metadata(
+    ctx: StageContext, history: HistoryStore, environment: EnvironmentConfig
+) -> dict[str, Any]:
+    """For an environment that requires approvals: how many of the commit's count, and
+    every approval and refused attempt for it (who, when, why)."""
+    if environment.approvals is None:
+        return {}
+    repository = ctx.repository.name
+    status = approval_status(history, ctx.config, repository, environment.name, ctx.sha)
+    attempts = history.approvals(repository, environment.name, ctx.sha)
+    return {
+        "approvals": f"{status.have} of {status.required}",
+        "approvers": ", ".join(status.approvers),
+        "approval_attempts": table(attempts, ["at", "user", "decision", "reason"]),
+    }
 
 
 def deployment_assets(

@@ -91,18 +91,11 @@ def report_asset(
                 status=outcome.status,
                 started_at=started_at,
                 duration_s=outcome.duration_s,
-                tests=summary.tests if summary else None,
-                passed=summary.passed if summary else None,
-                failed=summary.failed if summary else None,
-                errors=summary.errors if summary else None,
-                skipped=summary.skipped if summary else None,
-                flaky=summary.flaky if summary else None,
-                pass_rate=summary.pass_rate if summary else None,
                 coverage=outcome.coverage.line_rate if outcome.coverage else None,
                 detail=outcome.failure,
                 reused=outcome.reused,
                 run_id=context.run_id,
-            ),
+            ).with_counts(summary),
         )
         if outcome.cases is not None:
             history.record_test_cases(repository.name, ctx.sha, stage, outcome.cases)

@@ -1,5 +1,5 @@
-"""The `cicd` command: validate, run, deploy, down, status, verify, rescan, infra, artifacts,
-history, ui, demo.
+"""The `cicd` command: validate, run, deploy, qa, down, status, verify, rescan, infra,
+artifacts, users, approve, notify, release, history, report, ui, demo.
 
 Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
 or configuration error.
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from cicd_dagster.config import (
     ConfigError,
@@ -36,7 +37,7 @@ from cicd_dagster.config import (
 from cicd_dagster.git import GitError, Mirror, ls_remote, select_refs
 from cicd_dagster.report import STAGES
 from cicd_dagster.store import HistoryStore
-from cicd_dagster.store.models import FINDING_KINDS
+from cicd_dagster.store.models import DELIVERY_STATUSES, FINDING_KINDS
 
 if TYPE_CHECKING:
     from cicd_dagster.deploy.infra import Change
@@ -56,6 +57,33 @@ infra_app = typer.Typer(
 app.add_typer(infra_app, name="infra")
 artifacts_app = typer.Typer(help="Manage the artifact store.", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
+users_app = typer.Typer(help="Users and their API tokens (for cicd approve).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+notify_app = typer.Typer(
+    help="Notification channels (cicd.yaml notifications).", no_args_is_help=True
+)
+app.add_typer(notify_app, name="notify")
+report_app = typer.Typer(help="HTML reports a person would read.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, unless it names a subcommand, goes to the `create`
+    subcommand: `cicd release REPO` is `cicd release create REPO`, beside `cicd release
+    diff` (a repository named "diff" needs the explicit `create`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # Any: typer's click is private
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+release_app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    help="Releases: `cicd release REPO` tags the next version; `cicd release diff` compares.",
+    no_args_is_help=True,
+)
+app.add_typer(release_app, name="release")
 
 err = Console(stderr=True, soft_wrap=True)  # error lines must stay whole, never wrapped
 ConfigOption = Annotated[
@@ -528,6 +556,51 @@ def rollback(
 
 
 @app.command()
+def qa(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    env: Annotated[str, typer.Option("--env", help="the environment with qa: true")],
+    commit: Annotated[
+        str | None,
+        typer.Option(help="sha or ref (default: the version live in the environment)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster logs")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run the QA suite (.cicd.yml qa) against the commit live in ENV: qa_<env> in-process;
+    exit 0 passed, 1 failed or refused (the commit is not live there)."""
+    from cicd_dagster.stages.deploy import environment_for
+    from jobs.inprocess import qa_commit_in_process
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    _, environment = _environment(control, env)
+    if not environment.qa:
+        with_qa = [e.name for e in control.environments if e.qa]
+        raise UsageError(
+            f"{environment.name} does not run QA (environments[].qa); "
+            f"QA runs in: {', '.join(with_qa) or 'no environment'}"
+        )
+    if commit is None:
+        live = environment_for(control, repo.name, environment).current_version()
+        if live is None:
+            raise UsageError(f"{repo.name}: nothing is live in {environment.name}; pass --commit")
+        sha = live
+    else:
+        _, sha, _ = _resolve(control, repo, commit)
+    err.print(f"[bold]{repo.name}[/] {sha[:12]}: qa in {environment.name}")
+    report = qa_commit_in_process(control, repo.name, environment.name, sha, stream_logs=verbose)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        colour = "green" if report["status"] == "success" else "red"
+        verdict = {"success": "passed"}.get(report["status"], report["status"])
+        err.print(f"[{colour}]{verdict}[/] qa in {environment.name} at {report['url']}")
+        err.print(str(report["detail"]), markup=False, highlight=False)
+    raise typer.Exit(0 if report["status"] == "success" else 1)
+
+
+@app.command()
 def verify(
     repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
     commit: Annotated[str, typer.Option(help="the commit: a full sha, or a ref to resolve")],
@@ -656,6 +729,96 @@ def history_incidents(
     _emit(history.incidents(repository=repo, environment=env), output)
 
 
+@history_app.command("notifications")
+def history_notifications(
+    repo: RepoOption = None,
+    status: Annotated[
+        str | None, typer.Option(help=f"only this status: {', '.join(DELIVERY_STATUSES)}")
+    ] = None,
+    since: SinceOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per delivery of an event to a notification channel: status, attempts, last
+    error, next attempt."""
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise UsageError(f"--status {status!r}: use one of {', '.join(DELIVERY_STATUSES)}")
+    history = HistoryStore(_config(config).history_db_url)
+    _emit(history.deliveries(repository=repo, status=status, since=_since(since)), output)
+
+
+@notify_app.command("test")
+def notify_test(
+    channel: Annotated[
+        int | None, typer.Option("--channel", help="only notifications[N] of cicd.yaml")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Send a test notification to every channel now (not recorded); exit 1 if one fails."""
+    from cicd_dagster.notify import DeliveryError, channels_for
+    from cicd_dagster.store.history import EventRecord
+
+    configs = _config(config).notifications
+    if not configs:
+        raise UsageError("cicd.yaml has no notifications")
+    if channel is not None:
+        if not 0 <= channel < len(configs):
+            raise UsageError(
+                f"--channel {channel}: cicd.yaml has notifications[0..{len(configs) - 1}]"
+            )
+        configs = [configs[channel]]
+    event = EventRecord(
+        id=0,
+        repository="cicd",
+        kind="test",
+        environment=None,
+        commit_sha=None,
+        at=datetime.now(UTC),
+        message="A test notification sent by `cicd notify test`.",
+    )
+    failed = False
+    for each in channels_for(configs):
+        try:
+            each.send(event)
+        except DeliveryError as error:
+            failed = True
+            err.print(f"failed: {each.description}: {error}", markup=False, highlight=False)
+        else:
+            err.print(f"sent: {each.description}", markup=False, highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@notify_app.command("deliver")
+def notify_deliver(
+    as_json: Annotated[bool, typer.Option("--json", help="the outcomes as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Deliver the pending events now, as the notifications sensor does on every tick;
+    exit 1 if an attempt failed."""
+    from cicd_dagster.notify import channels_for, deliver
+
+    control = _config(config)
+    outcomes = deliver(HistoryStore(control.history_db_url), channels_for(control.notifications))
+    for outcome in outcomes:
+        err.print(outcome.describe(), markup=False, highlight=False)
+    if as_json:
+        rows = [
+            {
+                "channel": outcome.channel,
+                "event_id": outcome.event_id,
+                "repository": outcome.repository,
+                "kind": outcome.kind,
+                "status": outcome.status,
+                "attempts": outcome.attempts,
+                "error": outcome.error,
+                "retry_at": outcome.retry_at.isoformat() if outcome.retry_at else None,
+            }
+            for outcome in outcomes
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    raise typer.Exit(1 if any(outcome.status != "sent" for outcome in outcomes) else 0)
+
+
 def _print_changes(changes: list[Change], as_json: bool, *, done: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps([c.to_json() for c in changes], indent=2) + "\n")
@@ -761,6 +924,62 @@ def artifacts_prune(
     )
 
 
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="where to write it (default: in home/reports)")
+]
+
+
+@report_app.command("quality")
+def report_quality(
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="the repository (default: every one)")
+    ] = None,
+    since: Annotated[
+        str, typer.Option(help="start of the period: 30d, 12h, 45m or an ISO date")
+    ] = "30d",
+    output: OutputOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write the quality report of a repository over a period (builds and pass rates per
+    day, failing and slowest tests, gates, findings, deployments, incidents); prints its
+    path."""
+    from cicd_dagster.quality import render_quality_report
+
+    control = _config(config)
+    names = [_repository(control, repo).name] if repo else [r.name for r in control.repositories]
+    if output is not None and len(names) > 1:
+        raise UsageError("--output writes one report: pass --repo too")
+    start = _since(since)
+    assert start is not None
+    if start >= datetime.now(UTC):
+        raise UsageError(f"--since {since!r} is not in the past")
+    history = HistoryStore(control.history_db_url)
+    for name in names:
+        path = render_quality_report(control, history, name, start, output=output)
+        sys.stdout.write(f"{path}\n")
+
+
+@report_app.command("release")
+def report_release(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    version: Annotated[str, typer.Argument(help="the released version, e.g. 1.4.0")],
+    output: OutputOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write (again) the report of a release: changes, tests and trends, findings,
+    deployments, approvals; prints its path."""
+    from cicd_dagster.release.report import ReleaseNotFound, render_release_report
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    history = HistoryStore(control.history_db_url)
+    try:
+        path = render_release_report(control, history, repo.name, version, output=output)
+    except (ReleaseNotFound, ValueError) as error:
+        raise UsageError(str(error)) from error
+    sys.stdout.write(f"{path}\n")
+
+
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="webserver port")] = 3000,
@@ -797,6 +1016,272 @@ def demo(
         err.print(f"created demo repository {path}")
     if run_it:
         run(repo.name, ref=None, as_json=False, force=False, verbose=False, config=config)
+
+
+# --- users and approvals ---
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="user name (lowercase letters, digits, - and _)")],
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="a role (repeatable); replaces the user's roles in the DB"),
+    ] = None,
+    email: Annotated[
+        str | None, typer.Option(help="matched against commit authors (self-approval)")
+    ] = None,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="revoke the user's earlier tokens")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Add a user (or update its roles and email) and print a new API token on stdout:
+    shown this once, only its hash is stored. Roles in cicd.yaml's users.NAME add to these."""
+    from cicd_dagster.access import AccessError, add_user
+
+    control = _config(config)
+    try:
+        user, token = add_user(
+            control,
+            HistoryStore(control.history_db_url),
+            name,
+            roles=role or [],
+            email=email,
+            revoke_others=rotate,
+        )
+    except AccessError as error:
+        raise UsageError(str(error)) from error
+    roles = ", ".join(sorted(user.roles)) or "none"
+    err.print(f"{user.name} (roles: {roles}): a new token, shown once", markup=False)
+    sys.stdout.write(token + "\n")
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="user name")],
+    config: ConfigOption = None,
+) -> None:
+    """Remove a user: its tokens are revoked at once; its approvals stay in the history."""
+    from cicd_dagster.access import AccessError, remove_user
+
+    control = _config(config)
+    try:
+        remove_user(HistoryStore(control.history_db_url), name)
+    except AccessError as error:
+        raise UsageError(str(error)) from error
+    err.print(f"removed {name}; its tokens are revoked", markup=False)
+
+
+@users_app.command("list")
+def users_list(output: FormatOption = OutputFormat.table, config: ConfigOption = None) -> None:
+    """One row per user: email, roles (the DB's and cicd.yaml's), active tokens, last use."""
+    from cicd_dagster.access import list_users
+
+    control = _config(config)
+    _emit(list_users(control, HistoryStore(control.history_db_url)), output)
+
+
+@app.command()
+def approve(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    env: Annotated[str, typer.Option("--env", help="environment from cicd.yaml")],
+    commit: Annotated[str, typer.Option("--commit", help="the commit's sha (7-40 hex digits)")],
+    token: Annotated[
+        str | None, typer.Option("--token", help="your API token (default: $CICD_TOKEN)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Approve a commit for an environment that requires approvals; exit 0 approved (now or
+    before), 1 refused. Refusals are recorded too."""
+    from cicd_dagster.release.approvals import approve as approve_commit
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    _, environment = _environment(control, env)
+    if not re.fullmatch(r"[0-9a-fA-F]{7,40}", commit):
+        raise UsageError(f"--commit {commit!r}: give a commit sha (7-40 hex digits)")
+    token = token if token is not None else os.environ.get("CICD_TOKEN", "")
+    if not token.strip():
+        raise UsageError("no API token: pass --token or set CICD_TOKEN (see `cicd users add`)")
+    history = HistoryStore(control.history_db_url)
+    outcome = approve_commit(control, history, repo.name, environment.name, commit, token.strip())
+    if as_json:
+        sys.stdout.write(json.dumps(outcome.to_json(), indent=2) + "\n")
+    colour = "green" if outcome.approved else "red"
+    verdict = "approved" if outcome.approved else "refused"
+    where = f"{repo.name} {outcome.commit[:12]} -> {environment.name}"
+    err.print(f"[{colour}]{verdict}[/] {where}: ", end="")
+    err.print(outcome.reason, markup=False, highlight=False)
+    if outcome.status is not None:
+        have, required, approvers = outcome.status
+        names = f" ({', '.join(approvers)})" if approvers else ""
+        err.print(f"approvals: {have} of {required}{names}", markup=False, highlight=False)
+    raise typer.Exit(0 if outcome.approved else 1)
+
+
+@history_app.command("approvals")
+def history_approvals(
+    repo: RepoOption = None,
+    env: Annotated[str | None, typer.Option("--env", help="only this environment")] = None,
+    commit: Annotated[str | None, typer.Option("--commit", help="only this commit")] = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per approval or refused attempt: environment, commit, user, decision, why."""
+    history = HistoryStore(_config(config).history_db_url)
+    _emit(history.approvals(repository=repo, environment=env, commit=commit), output)
+
+
+@release_app.command("create")
+def release_create(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    commit: Annotated[
+        str | None,
+        typer.Option(
+            help="sha or ref (default: the commit verified last in the last environment; "
+            "without environments the default branch head)"
+        ),
+    ] = None,
+    pre: Annotated[
+        str | None, typer.Option(help="make a pre-release, e.g. rc for 1.4.0-rc.1")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only plan: no tag, no notes, nothing recorded")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the release as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster logs")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Release a commit (`cicd release REPO`): the next version from its conventional
+    commits, an annotated tag pushed to the repository, changelog and notes; the release
+    asset of its partition. Exit 0 released (or planned), 1 refused or failed."""
+    from cicd_dagster.release.versioning import VersioningError, check_pre
+    from cicd_dagster.stages.release import ReleaseRefused, plan_release
+    from jobs.inprocess import release_in_process
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    try:
+        check_pre(pre)
+    except VersioningError as error:
+        raise UsageError(str(error)) from error
+    history = HistoryStore(control.history_db_url)
+    sha = _release_commit(control, history, repo, commit)
+    report: dict[str, Any]
+    if dry_run:
+        try:
+            plan = plan_release(control, repo.name, sha, history, pre=pre)
+        except ReleaseRefused as error:
+            report = {"repository": repo.name, "commit": sha, "status": "refused"}
+            report["reason"] = str(error)
+        else:
+            report = {"status": "planned", **plan.to_json()}
+    else:
+        err.print(f"[bold]{repo.name}[/] release {sha[:12]}")
+        report = release_in_process(control, repo.name, sha, pre=pre, stream_logs=verbose)
+    _print_release(report, as_json)
+
+
+def _release_commit(
+    control: ControlConfig, history: HistoryStore, repo: RepositoryConfig, commit: str | None
+) -> str:
+    if commit is not None or not control.environments:
+        return _resolve(control, repo, commit)[1]
+    last = control.environments[-1].name
+    verified = history.last_verified_deployment(repo.name, last)
+    if verified is None:
+        raise UsageError(f"{repo.name}: nothing is verified in {last} yet; pass --commit")
+    return str(verified["commit"])
+
+
+def _print_release(report: dict[str, Any], as_json: bool) -> None:
+    """Print what a release (or its plan) came to; exit 0 released or planned, else 1."""
+    done = report["status"] in ("released", "planned")
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        raise typer.Exit(0 if done else 1)
+    if not done:
+        err.print(f"[red]{report['status']}[/] ", end="")
+        err.print(str(report["reason"]), markup=False, highlight=False)
+        raise typer.Exit(1)
+    for warning in report["warnings"]:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    verb = "would be" if report["status"] == "planned" else "is"
+    count = len(report["commits"])
+    err.print(
+        f"[green]{report['repository']} {report['version']}[/] {verb} {report['tag']} at "
+        f"{report['commit'][:12]} ({report['bump']}; {count} commit{'' if count == 1 else 's'} "
+        f"since {report['previous'] or 'the start'})",
+        highlight=False,
+    )
+    if report.get("notes"):
+        err.print(f"notes: {report['notes']['markdown']}", markup=False, highlight=False)
+    sys.stdout.write(report["changelog"])
+
+
+@release_app.command("diff")
+def release_diff_command(
+    repository: Annotated[str, typer.Argument(help="repository name from cicd.yaml")],
+    old: Annotated[str, typer.Argument(metavar="FROM", help="the older release: version or tag")],
+    new: Annotated[str, typer.Argument(metavar="TO", help="the newer release: version or tag")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the diff as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """What changed between two releases: commits, authors, files, and the test counts and
+    security findings of each side's build (new and fixed findings)."""
+    from cicd_dagster.stages.release import release_diff
+
+    control = _config(config)
+    repo = _repository(control, repository)
+    try:
+        diff = release_diff(control, HistoryStore(control.history_db_url), repo.name, old, new)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if as_json:
+        sys.stdout.write(json.dumps(diff, indent=2, default=str) + "\n")
+        return
+    before, after = diff["from"], diff["to"]
+    err.print(
+        f"[bold]{repo.name}[/] {before['version']} ({before['commit'][:12]}) -> "
+        f"{after['version']} ({after['commit'][:12]}): {len(diff['commits'])} commits by "
+        f"{len(diff['authors'])} authors, {len(diff['files'])} files changed",
+        highlight=False,
+    )
+    commits = Table("commit", "type", "subject", "author", title="commits")
+    for c in diff["commits"]:
+        commits.add_row(c["sha"][:12], c["type"], c["subject"], c["author"])
+    _print_table(commits)
+    counts = Table("", "tests", "passed", "failed", "errors", "skipped", "findings", title="builds")
+    for label, side in (("from", before), ("to", after)):
+        tests = side["tests"] or {}
+        findings = ", ".join(f"{n} {s}" for s, n in side["findings"].items()) or "none"
+        cells = [str(tests.get(k, "")) for k in ("tests", "passed", "failed", "errors", "skipped")]
+        counts.add_row(f"{label} {side['version']}", *cells, findings)
+    _print_table(counts)
+    err.print(
+        f"findings: {len(diff['new_findings'])} new, {len(diff['fixed_findings'])} fixed",
+        highlight=False,
+    )
+    files = Table("status", "path", "+", "-", title="files")
+    for f in diff["files"]:
+        files.add_row(f["status"], f["path"], str(f["added"] or ""), str(f["deleted"] or ""))
+    _print_table(files)
+
+
+@history_app.command("releases")
+def history_releases(
+    repo: RepoOption = None,
+    since: SinceOption = None,
+    output: FormatOption = OutputFormat.table,
+    config: ConfigOption = None,
+) -> None:
+    """One row per release: version, tag, commit, previous version, bump, commit count,
+    who and when, notes (json and csv add the changelog)."""
+    history = HistoryStore(_config(config).history_db_url)
+    frame = history.releases(repository=repo, since=_since(since))
+    _emit(frame.drop(columns=["changelog"]) if output is OutputFormat.table else frame, output)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import difflib
 import itertools
 import re
 import types
+import urllib.parse
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
 
@@ -34,6 +35,9 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError
 from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
+from semver import Version
+
+from cicd_dagster.release.versioning import check_tag_format
 
 DEFAULT_CONFIG_NAME = "cicd.yaml"
 PIPELINE_FILE_NAME = ".cicd.yml"
@@ -73,6 +77,7 @@ class ConfigError(Exception):
 
 _NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EMAIL_PATTERN = re.compile(r"[^@\s]{1,64}@[^@\s]{1,190}")
 
 
 def _check_resource_name(value: str) -> str:
@@ -209,6 +214,14 @@ def _check_env_var_value(value: str) -> str:
     return value
 
 
+def _check_email(value: str) -> str:
+    if not _EMAIL_PATTERN.fullmatch(value):
+        raise PydanticCustomError(
+            "invalid_email", '"{email}" is not an email address (name@domain)', {"email": value}
+        )
+    return value
+
+
 ResourceName = Annotated[str, AfterValidator(_check_resource_name)]
 EnvVarName = Annotated[str, AfterValidator(_check_env_var_name)]
 EnvVarValue = Annotated[str, BeforeValidator(_scalar_to_text), AfterValidator(_check_env_var_value)]
@@ -216,6 +229,7 @@ RelativeGlob = Annotated[str, AfterValidator(_check_relative_glob)]
 Command = Annotated[str, AfterValidator(_check_command)]
 CommandList = Annotated[list[Command], BeforeValidator(_string_to_list)]
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Email = Annotated[str, AfterValidator(_check_email)]
 
 
 class _StrictModel(BaseModel):
@@ -256,6 +270,21 @@ class _NamedModel(_StrictModel):
 NamedModelT = TypeVar("NamedModelT", bound=_NamedModel)
 
 
+def _check_final_semver(value: str) -> str:
+    if not Version.is_valid(value) or Version.parse(value).finalize_version() != value:
+        raise ValueError(f"{value!r} is not a final SemVer 2.0 version such as 0.1.0")
+    return value
+
+
+class ReleaseConfig(_StrictModel):
+    """How `cicd release` names versions of a repository (README: Releases)."""
+
+    tag_format: Annotated[str, AfterValidator(check_tag_format)] = "v{version}"
+    """The release tag: {version} once, e.g. "v{version}" or "shop-api/{version}"."""
+    initial_version: Annotated[str, AfterValidator(_check_final_semver)] = "0.1.0"
+    """The first release of a repository without release tags."""
+
+
 class RepositoryConfig(_NamedModel):
     """A watched git repository."""
 
@@ -269,6 +298,7 @@ class RepositoryConfig(_NamedModel):
     """Environment variables of the cicd process passed to steps and masked in logs."""
     poll_interval_s: int = Field(default=30, ge=5, le=86400)
     keep_workspaces: int = Field(default=20, ge=1)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
 
     @field_validator("url")
     @classmethod
@@ -337,8 +367,11 @@ class StrategyConfig(_StrictModel):
 
 class ApprovalConfig(_StrictModel):
     required: int = Field(default=1, ge=1)
-    roles: list[str] = []
+    """Distinct users who must approve a commit before it deploys here."""
+    roles: list[ResourceName] = []
     """Roles allowed to approve; empty = any user."""
+    allow_self_approval: bool = False
+    """Whether the author of a commit (by email or name) may approve it."""
 
 
 class SecretSource(_StrictModel):
@@ -408,25 +441,85 @@ class EnvironmentConfig(_NamedModel):
     """Secrets of this environment: read at deploy time, masked, never stored in clear."""
     health_interval_s: int = Field(default=30, ge=5, le=86400)
     """How often the deployment-health sensor probes the live environment."""
+    qa: bool = False
+    """After a verified deploy here the repository's QA suite (.cicd.yml qa) runs against
+    this environment, and the next environment takes only commits whose QA passed."""
 
 
 class UserConfig(_StrictModel):
-    roles: list[str] = []
+    """Roles given in cicd.yaml; `cicd users add` gives tokens (and more roles) in the DB."""
+
+    roles: list[ResourceName] = []
+    email: Email | None = None
+    """Matched against commit authors to refuse self-approval."""
 
 
+# Every kind of event the history DB records (store.models.EVENT_KINDS is made from it).
 NotificationEvent = Literal[
-    "failed", "deployed", "rolled_back", "approval_requested", "released", "security_finding"
+    "failed",
+    "deployed",
+    "rolled_back",
+    "approval_requested",
+    "released",
+    "security_finding",
+    "incident_opened",
+    "incident_closed",
+    "service_error",
+    "drift",
 ]
+# What a channel that names no events gets; incidents, service errors and drift are opt-in.
+DEFAULT_NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
+    "failed",
+    "deployed",
+    "rolled_back",
+    "approval_requested",
+    "released",
+    "security_finding",
+)
+_NOTIFICATION_URL_SCHEMES = {"webhook": ("http", "https"), "smtp": ("smtp", "smtps")}
 
 
 class NotificationConfig(_StrictModel):
     type: Literal["webhook", "smtp"]
     url: str | None = None
-    """The webhook to POST to, or the SMTP server (smtp://host:port)."""
-    to: list[str] = []
+    """The webhook to POST to (http:// or https://), or the SMTP server: smtp://host:port,
+    smtps://host:port for TLS from the start. Never shown in clear: webhooks hold tokens."""
+    to: list[Email] = []
+    """The recipients of mail (smtp)."""
+    sender: Email = "cicd@localhost"
+    """The From address of mail (smtp)."""
+    username: str | None = None
+    """SMTP login, with `password`."""
+    password: SecretSource | None = None
     events: list[NotificationEvent] = Field(
-        default_factory=lambda: list(get_args(NotificationEvent))
+        default_factory=lambda: list(DEFAULT_NOTIFICATION_EVENTS)
     )
+    timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """Per connection and per read: what a channel that is down costs a delivery run."""
+    retries: int = Field(default=5, ge=0, le=20)
+    """Attempts after a failed one before the delivery is recorded failed."""
+    backoff_s: float = Field(default=30.0, gt=0, le=86400)
+    """The wait before the first retry, doubled before each next one."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_fits_the_type(cls, url: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("type")
+        if url is None or kind not in _NOTIFICATION_URL_SCHEMES:
+            return url
+        schemes = _NOTIFICATION_URL_SCHEMES[kind]
+        # The value is never repeated in the message: a webhook URL holds a token.
+        expected = {"schemes": " or ".join(f"{scheme}://" for scheme in schemes)}
+        try:
+            parts = urllib.parse.urlsplit(url)
+            valid = parts.scheme.lower() in schemes and bool(parts.hostname) and parts.port != 0
+        except ValueError:  # a port that is not a number
+            valid = False
+        if not valid:
+            raise PydanticCustomError(
+                "invalid_url", "expected a URL starting with {schemes}, with a host", expected
+            )
+        return url
 
     @model_validator(mode="after")
     def _has_destination(self) -> Self:
@@ -438,7 +531,20 @@ class NotificationConfig(_StrictModel):
             raise PydanticCustomError(
                 "missing_recipients", 'an smtp notification needs at least one address in "to"'
             )
+        if self.type == "webhook" and (self.to or self.username or self.password):
+            raise PydanticCustomError(
+                "smtp_only", '"to", "username" and "password" are for smtp notifications'
+            )
+        if (self.username is None) != (self.password is None):
+            raise PydanticCustomError(
+                "smtp_login", 'an smtp login needs both "username" and "password"'
+            )
         return self
+
+    @property
+    def destination(self) -> tuple[str, str, tuple[str, ...]]:
+        """What makes two channels the same: where they deliver to."""
+        return (self.type, self.url or "", tuple(sorted(self.to)))
 
 
 class LicensesConfig(_StrictModel):
@@ -473,6 +579,24 @@ class ArtifactsConfig(_StrictModel):
     """The newest commits stored per repository always kept, for a rollback --to them."""
 
 
+Cron = Annotated[str, AfterValidator(_check_cron)]
+
+
+class HousekeepingConfig(_StrictModel):
+    """Schedules (cron, UTC) of the housekeeping jobs; null turns one off. Defaults: at
+    night, after the nightly rescan (03:00) has read what is in service."""
+
+    workspace_cleanup: Cron | None = "30 3 * * *"
+    """Checkouts beyond repositories[].keep_workspaces, dependency envs unused for
+    cache_retention_days."""
+    artifact_retention: Cron | None = "0 4 * * *"
+    """`cicd artifacts prune` with cicd.yaml's artifacts retention."""
+    db_vacuum: Cron | None = "30 4 * * 0"
+    """VACUUM and ANALYZE of the history DB (weekly)."""
+    cache_retention_days: int = Field(default=14, ge=1)
+    """A build's dependency env (home/envs) unused by any build for longer is deleted."""
+
+
 class ControlConfig(_StrictModel):
     """cicd.yaml. Relative paths in it are relative to the folder that holds it."""
 
@@ -482,10 +606,11 @@ class ControlConfig(_StrictModel):
     repositories: list[RepositoryConfig] = Field(min_length=1)
     environments: list[EnvironmentConfig] = []
     """The promotion chain, in order."""
-    users: dict[str, UserConfig] = {}
+    users: dict[ResourceName, UserConfig] = {}
     notifications: list[NotificationConfig] = []
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
 
     _config_path: Path = PrivateAttr()
 
@@ -532,6 +657,55 @@ class ControlConfig(_StrictModel):
             # "name" line rather than at the whole list.
             raise ValidationError.from_exception_data(cls.__name__, duplicates)
         return items
+
+    @field_validator("environments")
+    @classmethod
+    def _one_qa_environment(cls, environments: list[EnvironmentConfig]) -> list[EnvironmentConfig]:
+        # The history DB keeps one QA result per commit (its "qa" stage).
+        qa = [index for index, environment in enumerate(environments) if environment.qa]
+        if len(qa) < 2:
+            return environments
+        first = environments[qa[0]].name
+        raise ValidationError.from_exception_data(
+            cls.__name__,
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "one_qa_environment",
+                        "only one environment may run QA; {first} already does",
+                        {"first": first},
+                    ),
+                    loc=(index, "qa"),
+                    input=True,
+                )
+                for index in qa[1:]
+            ],
+        )
+
+    @field_validator("notifications")
+    @classmethod
+    def _destinations_are_unique(
+        cls, channels: list[NotificationConfig]
+    ) -> list[NotificationConfig]:
+        # A destination is one channel in the deliveries table: each event reaches it once.
+        first_index: dict[tuple[str, str, tuple[str, ...]], int] = {}
+        duplicates = [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "duplicate_channel",
+                    "the same destination as notifications[{first_index}]: list all its "
+                    "events there",
+                    {"first_index": first_index[channel.destination]},
+                ),
+                loc=(index, "url"),
+                input="",
+            )
+            for index, channel in enumerate(channels)
+            if first_index.setdefault(channel.destination, index) != index
+        ]
+        if duplicates:
+            raise ValidationError.from_exception_data(cls.__name__, duplicates)
+        return channels
 
     @model_validator(mode="after")
     def _remember_config_path(self, info: ValidationInfo) -> Self:
@@ -649,6 +823,16 @@ class TestsConfig(_StrictModel):
         }
 
 
+class QaConfig(_StrictModel):
+    """The QA suite: run against a deployed environment (CICD_TARGET_URL, CICD_ENVIRONMENT)
+    from the commit's release folder, with the build's env."""
+
+    run: CommandList = Field(min_length=1)
+    reports: RelativeGlob = "**/*.xml"
+    """JUnit XML files, relative to $CICD_REPORTS_DIR."""
+    timeout_s: Timeout = 600.0
+
+
 class GatesConfig(_StrictModel):
     min_pass_rate: float = Field(default=1.0, ge=0, le=1)
     max_perf_regression: float | None = Field(default=None, ge=0, allow_inf_nan=False)
@@ -688,6 +872,7 @@ class PipelineConfig(_StrictModel):
     tests: TestsConfig = Field(default_factory=TestsConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     service: ServiceConfig | None = None
+    qa: QaConfig | None = None
     env: dict[EnvVarName, EnvVarValue] = {}
     """Environment variables of every step."""
     security: PipelineSecurityConfig = Field(default_factory=PipelineSecurityConfig)

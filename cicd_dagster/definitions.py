@@ -1,5 +1,6 @@
 """Assembles the Definitions: one partition set, asset group, CI job and sensor per repository,
-plus a deployment asset and deploy job per environment, and the nightly security rescan.
+plus a deployment asset and deploy job per environment (and a QA asset and job where
+qa: true), the nightly security rescan and the housekeeping jobs.
 
 The configuration comes from cicd.yaml (CICD_CONFIG, default ./cicd.yaml); this module
 only wires what assets/, jobs/ and sensors/ build.
@@ -10,14 +11,18 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from assets import ci_assets, deployment_assets, drift_checks
+from assets import ci_assets, deployment_assets, drift_checks, qa_assets
 from assets.partitions import commit_partitions
+from assets.release import release_asset
 from assets.rescan import rescan_asset
 from cicd_dagster.config import ControlConfig, load_control_config
 from cicd_dagster.resources import CicdResource
-from jobs import ci_job, deploy_job, rescan_job, rescan_schedule
+from jobs import ci_job, deploy_job, qa_job, release_job, rescan_job, rescan_schedule
+from jobs.housekeeping import housekeeping_jobs, housekeeping_schedules
+from sensors.approvals import approval_sensors
 from sensors.drift import drift_sensor
 from sensors.health import deployment_health_sensor
+from sensors.notifications import notification_sensor, run_failure_event_sensor
 from sensors.promotion import promotion_sensors
 from sensors.repository import repository_sensor
 
@@ -36,18 +41,29 @@ def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Def
         assets.extend(deployment_assets(repository, partitions, config.environments))
         deploy_jobs = [deploy_job(repository, env, partitions) for env in config.environments]
         jobs.extend(deploy_jobs)
-        sensors.extend(promotion_sensors(repository, config.environments, deploy_jobs))
+        assets.extend(qa_assets(repository, partitions, config.environments))
+        qa_jobs = [qa_job(repository, env, partitions) for env in config.environments if env.qa]
+        jobs.extend(qa_jobs)
+        sensors.extend(promotion_sensors(repository, config.environments, deploy_jobs, qa_jobs))
+        sensors.extend(approval_sensors(repository, config.environments, deploy_jobs))
         sensors.append(repository_sensor(repository, job, partitions))
         assets.append(rescan_asset(repository))
+        assets.append(release_asset(repository, partitions, config.environments))
+        jobs.append(release_job(repository, partitions))
     rescan = rescan_job()
     jobs.append(rescan)
+    housekeeping = housekeeping_jobs()
     if config.environments:
         sensors += [deployment_health_sensor(config), drift_sensor(config)]
+    # Failed runs are recorded as events always, and delivered where channels are configured.
+    sensors.append(run_failure_event_sensor())
+    if config.notifications:
+        sensors.append(notification_sensor(config))
     return Definitions(
         assets=assets,
         asset_checks=drift_checks(config),
-        jobs=jobs,
-        schedules=[rescan_schedule(config, rescan)],
+        jobs=[*jobs, *housekeeping],
+        schedules=[rescan_schedule(config, rescan), *housekeeping_schedules(config, housekeeping)],
         sensors=sensors,
         resources={
             "cicd": CicdResource(config_path=str(config.config_path), stream_logs=stream_logs)

@@ -258,6 +258,30 @@ def _parse_numstat(output: bytes) -> dict[str, tuple[int | None, int | None]]:
     return stats
 
 
+# --- tags --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagRef:
+    name: str  # short: v1.4.0
+    sha: str  # the commit it points at (an annotated tag peeled)
+    annotated: bool
+
+
+class TagExistsError(GitError):
+    """A tag of that name exists already; tags are never moved."""
+
+
+def check_tag_name(name: str) -> str:
+    """`name` if git accepts refs/tags/<name> (git check-ref-format) and it cannot be read
+    as an option; ValueError otherwise."""
+    if not name or name.startswith("-"):
+        raise ValueError(f"not a valid tag name: {name!r}")
+    if _git(["check-ref-format", f"{_TAG_PREFIX}{name}"], check=False).returncode != 0:
+        raise ValueError(f"not a valid tag name (git check-ref-format): {name!r}")
+    return name
+
+
 # --- the mirror --------------------------------------------------------------------------
 
 
@@ -352,7 +376,9 @@ class Mirror:
 
     def _changed_files(self, full_sha: str, parent_shas: list[str]) -> list[FileChange]:
         # Against the first parent explicitly: given only a merge, diff-tree shows nothing.
-        compared = [parent_shas[0], full_sha] if parent_shas else ["--root", full_sha]
+        return self._diff_tree([parent_shas[0], full_sha] if parent_shas else ["--root", full_sha])
+
+    def _diff_tree(self, compared: list[str]) -> list[FileChange]:
         diff_tree = ["diff-tree", "-r", "-z", "-M", "--no-commit-id", *compared]
         statuses = _parse_name_status(
             _git([*diff_tree, "--name-status", "--"], cwd=self.path).stdout
@@ -382,6 +408,108 @@ class Mirror:
         ]
         output = _decode(_git(args, cwd=self.path).stdout)
         return [line.removeprefix(_BRANCH_PREFIX) for line in output.splitlines()]
+
+    # --- releases: tags and ranges of commits ---
+
+    def tags(self, *, merged_into: str | None = None) -> list[TagRef]:
+        """The tags that point at commits, by name; with `merged_into`, only those whose
+        commit is in that commit's history (the commit itself included)."""
+        args = [
+            "for-each-ref",
+            "--format=%(refname)%00%(objecttype)%00%(objectname)%00%(*objecttype)%00%(*objectname)",
+        ]
+        if merged_into is not None:
+            args += ["--merged", self._full_sha(merged_into)]
+        output = _decode(_git([*args, _TAG_PREFIX], cwd=self.path).stdout)
+        tags = []
+        for line in output.splitlines():
+            refname, kind, sha, peeled_kind, peeled_sha = line.split("\0")
+            name = refname.removeprefix(_TAG_PREFIX)
+            if kind == "commit":
+                tags.append(TagRef(name, sha, annotated=False))
+            elif kind == "tag" and peeled_kind == "commit":
+                tags.append(TagRef(name, peeled_sha, annotated=True))
+        return tags
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        """Whether `ancestor` is in the history of `descendant` (a commit is its own)."""
+        args = ["merge-base", "--is-ancestor", self._full_sha(ancestor), self._full_sha(descendant)]
+        result = _git(args, cwd=self.path, check=False)
+        if result.returncode not in (0, 1):
+            raise GitError(
+                f"git exited with status {result.returncode}", args, _decode(result.stderr)
+            )
+        return result.returncode == 0
+
+    def commits_between(self, since: str | None, until: str) -> list[CommitInfo]:
+        """The commits in the history of `until` and not of `since` (None: all of them),
+        newest first, each with its changed files."""
+        revisions = [self._full_sha(until)]
+        if since is not None:
+            revisions.append(f"^{self._full_sha(since)}")
+        log = ["log", "-z", "--no-show-signature", f"--format=%H%x00{_COMMIT_FORMAT}"]
+        fields = _decode(_git([*log, *revisions, "--"], cwd=self.path).stdout).split("\0")
+        commits = []
+        # -z ends each commit with a NUL too: 7 fields per commit, then a last empty one.
+        for index in range(0, len(fields) - 6, 7):
+            sha, parents, name, email, authored, committed, message = fields[index : index + 7]
+            parent_shas = parents.split()
+            commits.append(
+                CommitInfo(
+                    sha=sha,
+                    parents=parent_shas,
+                    author_name=name,
+                    author_email=email,
+                    authored_at=datetime.fromisoformat(authored),
+                    committed_at=datetime.fromisoformat(committed),
+                    message=message.rstrip("\n"),
+                    changed_files=self._changed_files(sha, parent_shas),
+                )
+            )
+        return commits
+
+    def changed_files_between(self, old: str, new: str) -> list[FileChange]:
+        """What differs between the trees of two commits, renames detected."""
+        return self._diff_tree([self._full_sha(old), self._full_sha(new)])
+
+    def create_tag(
+        self, name: str, sha: str, message: str, *, tagger_name: str, tagger_email: str
+    ) -> None:
+        """An annotated tag `name` at commit `sha` in the mirror; TagExistsError if the tag
+        exists (a tag is never moved)."""
+        check_tag_name(name)
+        full_sha = self._full_sha(sha)
+        with file_lock(self._lock_path):
+            if self.has_tag(name):
+                raise TagExistsError(f"tag {name!r} already exists in {self.url}: tags never move")
+            identity = ["-c", f"user.name={tagger_name}", "-c", f"user.email={tagger_email}"]
+            # verbatim: the default cleanup would drop the message's "#" lines (headings).
+            tag = ["tag", "--no-sign", "--annotate", "--cleanup=verbatim", f"--message={message}"]
+            tag.append("--end-of-options")
+            _git([*identity, *tag, name, full_sha], cwd=self.path)
+
+    def delete_tag(self, name: str) -> None:
+        """Remove a tag from the mirror only (one whose push failed)."""
+        check_tag_name(name)
+        with file_lock(self._lock_path):
+            _git(["tag", "--delete", "--end-of-options", name], cwd=self.path)
+
+    def push_tag(self, name: str, *, timeout_s: float = 600) -> None:
+        """Push the mirror's tag to the repository URL, never forced: GitError when the
+        remote refuses it, for one because it has a tag of that name already."""
+        check_tag_name(name)
+        ref = f"{_TAG_PREFIX}{name}"
+        # To the URL rather than origin: a mirror remote takes no refspecs.
+        args = ["push", "--quiet", "--no-verify", "--", self.url, f"{ref}:{ref}"]
+        try:
+            _git(args, cwd=self.path, timeout_s=timeout_s)
+        except GitError as error:
+            raise GitError(f"pushing tag {name} to {self.url} failed: {error}") from error
+
+    def has_tag(self, name: str) -> bool:
+        """Whether the mirror has a tag of that name, whatever it points at."""
+        args = ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{_TAG_PREFIX}{name}"]
+        return _git(args, cwd=self.path, check=False).returncode == 0
 
     def checkout(self, sha: str, dest: Path) -> Path:
         """A work tree holding exactly commit `sha` at `dest`, reused if it already does.

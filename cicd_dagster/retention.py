@@ -1,11 +1,11 @@
 """Artifact retention: prune the store without losing what may still be deployed.
 
-A commit is protected while it is in service (live or standby in an environment, see
-inventory.py) or among the `artifacts.keep_last` newest commits stored for its repository,
-so that a rollback to a recent commit still finds its artifacts. Every digest a protected
-commit names is kept, its SBOM and signed provenance with its build artifacts (they are
-named under the commit too). Any other blob is deleted once unused (stored or last named)
-for `artifacts.retention_days`, with the references that name it.
+A commit is protected while it is in service (live or standby in an environment, or
+released, see inventory.py) or among the `artifacts.keep_last` newest commits stored for
+its repository, so that a rollback to a recent commit still finds its artifacts. Every
+digest a protected commit names is kept, its SBOM and signed provenance with its build
+artifacts (they are named under the commit too). Any other blob is deleted once unused
+(stored or last named) for `artifacts.retention_days`, with the references that name it.
 
 The history DB is left as it is: `cicd history artifacts` is the record of what was built,
 and the store says what is still stored.
@@ -22,6 +22,7 @@ from cicd_dagster.artifact_store import ArtifactRow, BlobInfo, PruneResult
 from cicd_dagster.config import ControlConfig
 from cicd_dagster.inventory import in_service
 from cicd_dagster.stages.artifact import artifact_store
+from cicd_dagster.store import HistoryStore
 
 CommitKey = tuple[str, str]
 """(repository, commit)"""
@@ -81,7 +82,9 @@ class RetentionResult:
         }
 
 
-def protected_commits(config: ControlConfig, rows: list[ArtifactRow]) -> dict[CommitKey, list[str]]:
+def protected_commits(
+    config: ControlConfig, history: HistoryStore, rows: list[ArtifactRow]
+) -> dict[CommitKey, list[str]]:
     """The commits of `rows` that retention must keep, with why, newest first."""
     last_stored: dict[CommitKey, datetime] = {}
     for row in rows:
@@ -89,10 +92,10 @@ def protected_commits(config: ControlConfig, rows: list[ArtifactRow]) -> dict[Co
         last_stored[key] = max(row.stored_at, last_stored.get(key, row.stored_at))
     newest_first = sorted(last_stored, key=lambda key: (last_stored[key], key), reverse=True)
     reasons: dict[CommitKey, list[str]] = defaultdict(list)
-    for item in in_service(config):
+    for item in in_service(config, history):
         key = (item.repository, item.commit)
         if key in last_stored:
-            reasons[key].append(f"{item.role} in {item.environment}")
+            reasons[key].append(item.reason)
     keep_last = config.artifacts.keep_last
     ranks: dict[str, int] = defaultdict(int)
     for key in newest_first:
@@ -115,7 +118,7 @@ def prune_artifacts(
     store = artifact_store(config)
     retention_days = config.artifacts.retention_days
     rows = store.list()
-    protected = protected_commits(config, rows)
+    protected = protected_commits(config, HistoryStore(config.history_db_url), rows)
     kept_digests = {row.digest for row in rows if (row.repository, row.commit) in protected}
     if repository is not None:
         candidates = {row.digest for row in rows if row.repository == repository}

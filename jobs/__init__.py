@@ -11,7 +11,8 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from assets.deploy import deployment_key
+from assets.deploy import deployment_key, qa_key
+from assets.release import release_key
 from assets.rescan import RESCAN_GROUP
 from cicd_dagster.config import ControlConfig, EnvironmentConfig, RepositoryConfig
 
@@ -53,6 +54,44 @@ def deploy_job(
         partitions_def=partitions,
         description=f"Deploy one commit of {repository.name} to {environment.name}.",
         tags={"cicd/repository": repository.name, "cicd/environment": environment.name},
+        executor_def=in_process_executor,
+    )
+
+
+def qa_job_name(repository: RepositoryConfig, environment: EnvironmentConfig) -> str:
+    return f"{repository.identifier}_qa_{environment.identifier}"
+
+
+def qa_job(
+    repository: RepositoryConfig,
+    environment: EnvironmentConfig,
+    partitions: DynamicPartitionsDefinition,
+) -> UnresolvedAssetJobDefinition:
+    """Runs the QA suite of the commit live in `environment` (its qa asset and gate)."""
+    return define_asset_job(
+        name=qa_job_name(repository, environment),
+        selection=AssetSelection.assets(qa_key(repository, environment)),
+        partitions_def=partitions,
+        description=f"QA of the commit of {repository.name} live in {environment.name}.",
+        tags={"cicd/repository": repository.name, "cicd/environment": environment.name},
+        executor_def=in_process_executor,
+    )
+
+
+def release_job_name(repository: RepositoryConfig) -> str:
+    return f"{repository.identifier}_release"
+
+
+def release_job(
+    repository: RepositoryConfig, partitions: DynamicPartitionsDefinition
+) -> UnresolvedAssetJobDefinition:
+    """Releases one commit of `repository`: its release asset only (`cicd release`)."""
+    return define_asset_job(
+        name=release_job_name(repository),
+        selection=AssetSelection.assets(release_key(repository)),
+        partitions_def=partitions,
+        description=f"Release one commit of {repository.name}: version, tag, changelog, notes.",
+        tags={"cicd/repository": repository.name},
         executor_def=in_process_executor,
     )
 

@@ -5,6 +5,7 @@ use, executed in-process against the instance under DAGSTER_HOME, so the run sho
 in the UI's run list with its events, metadata and checks.
 """
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,16 @@ from dagster._core.utils import make_new_run_id
 from assets.common import BRANCH_TAG, FORCE_TAG, REF_TAG
 from assets.deploy import ROLLBACK_TAG, TRIGGER_TAG
 from assets.partitions import commit_partitions
+from assets.release import PRE_TAG
 from assets.rescan import rescan_key
 from cicd_dagster.config import ControlConfig, RepositoryConfig
 from cicd_dagster.definitions import build_definitions
 from cicd_dagster.locks import file_lock
 from cicd_dagster.report import run_report, stage_of_asset
 from cicd_dagster.stages.deploy import environment_for
+from cicd_dagster.stages.release import record_path
 from cicd_dagster.store import HistoryStore
-from jobs import RESCAN_JOB, ci_job_name, deploy_job_name
+from jobs import RESCAN_JOB, ci_job_name, deploy_job_name, qa_job_name, release_job_name
 
 
 def use_instance(config: ControlConfig) -> DagsterInstance:
@@ -197,7 +200,7 @@ def _recorded_stages(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]
             label: value.value for label, value in materialization.metadata.items()
         }
     step_to_stage = {
-        AssetKey(key.path).to_python_identifier(): stage_of_asset(key.path[-1])
+        key.to_python_identifier(): stage_of_asset(key.path[-1])
         for key in result.job_def.asset_layer.executable_asset_keys
     }
     for event in result.get_step_failure_events():
@@ -261,3 +264,98 @@ def deploy_commit_in_process(
     for column in ("duration_s", "rollback_s"):
         report[column] = None if pd.isna(row[column]) else round(float(row[column]), 3)
     return report
+
+
+def qa_commit_in_process(
+    config: ControlConfig,
+    repository: str,
+    environment: str,
+    sha: str,
+    *,
+    run_id: str | None = None,
+    stream_logs: bool = False,
+) -> dict[str, Any]:
+    """Materialize qa_<environment> of one commit (the `cicd qa` JSON): status success,
+    failed or refused, detail, the test counts, duration_s, gates, url and run_id."""
+    repo = config.repository(repository)
+    env = config.environment(environment)
+    run_id = run_id or new_run_id()
+    result = _execute(config, repo, qa_job_name(repo, env), sha, run_id, {}, stream_logs)
+    report: dict[str, Any] = {
+        "repository": repository,
+        "environment": environment,
+        "commit": sha,
+        "run_id": run_id,
+        "url": environment_for(config, repository, env).router.url,
+    }
+    materializations = result.get_asset_materialization_events()
+    if not materializations:
+        failures = result.get_step_failure_events()
+        failure = failures[0].step_failure_data if failures else None
+        user = failure.user_failure_data if failure else None
+        status = user.metadata.get("status") if user else None
+        if user and user.description:
+            detail = user.description
+        else:
+            detail = failure.error.message if failure and failure.error else "the run failed"
+        report.update(status=status.value if status else "failed", detail=detail)
+        return report
+    metadata = materializations[0].step_materialization_data.materialization.metadata
+    checks = result.get_asset_check_evaluations()
+    report.update(
+        status="success" if metadata["verdict"].value == "passed" else "failed",
+        detail=metadata["detail"].value,
+        **{
+            label: metadata[label].value
+            for label in ("tests", "passed", "failed", "errors", "skipped", "duration_s")
+            if label in metadata
+        },
+        gates=[
+            {
+                "name": check.check_name,
+                "passed": check.passed,
+                "detail": check.metadata["detail"].value,
+            }
+            for check in checks
+        ],
+    )
+    return report
+
+
+def release_in_process(
+    config: ControlConfig,
+    repository: str,
+    sha: str,
+    *,
+    pre: str | None = None,
+    run_id: str | None = None,
+    stream_logs: bool = False,
+) -> dict[str, Any]:
+    """Materialize the release of one commit; returns the `cicd release --json` object:
+    status "released" with the release (release.record_path), else status "refused" or
+    "failed" and the reason."""
+    repo = config.repository(repository)
+    run_id = run_id or new_run_id()
+    tags = {PRE_TAG: pre} if pre else {}
+    result = _execute(config, repo, release_job_name(repo), sha, run_id, tags, stream_logs)
+    materializations = result.get_asset_materialization_events()
+    if materializations:
+        metadata = materializations[0].step_materialization_data.materialization.metadata
+        version = str(metadata["version"].value)
+        released = json.loads(record_path(config, repo.name, version).read_text())
+        return {"status": "released", "run_id": run_id, **released}
+    failures = result.get_step_failure_events()
+    failure = failures[0].step_failure_data if failures else None
+    user = failure.user_failure_data if failure else None
+    status = user.metadata.get("status") if user else None
+    if user and user.description:
+        reason = user.description
+    else:
+        reason = failure.error.message if failure and failure.error else "the run failed"
+    return {
+        "repository": repo.name,
+        "commit": sha,
+        "status": status.value if status else "failed",
+        "reason": reason,
+        "run_id": run_id,
+    }

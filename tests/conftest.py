@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from cicd_dagster.deploy.router import find_nginx
+from tests.servers import mailbox, webhook  # noqa: F401 (fixtures for every test)
 
 
 @pytest.fixture(scope="session")

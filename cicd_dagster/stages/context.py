@@ -120,10 +120,18 @@ class StageContext:
         env["PATH"] = os.pathsep.join(path)
         return env
 
-    def run(self, stage: str, command: str, env: Mapping[str, str], timeout_s: float) -> StepResult:
+    def run(
+        self,
+        stage: str,
+        command: str,
+        env: Mapping[str, str],
+        timeout_s: float,
+        cwd: Path | None = None,
+    ) -> StepResult:
+        """Run a step of `stage` in the checkout (or `cwd`), logged, masked, sandboxed."""
         return run_step(
             command,
-            cwd=self.workspace.checkout,
+            cwd=cwd or self.workspace.checkout,
             env=env,
             timeout_s=timeout_s,
             log_path=self.workspace.log_path(stage),

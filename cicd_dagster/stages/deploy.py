@@ -3,8 +3,10 @@
 The commit must be green (every stage and gate recorded passed, with a build), its signed
 provenance must verify with its artifacts in the release as signed, and past the first
 environment it must have been verified in the previous one at some time (or in this one
-before: a rollback). Its checkout is copied once to home/releases/<repo>/<sha> (workspaces are
-pruned) and run with the build's venv as a local, supervised service behind the
+before: a rollback); past an environment with `qa`, its QA there must have passed
+(stages/qa.py). An environment with `approvals` also waits until enough people approved
+the commit (release/approvals.py). Its checkout is copied once to home/releases/<repo>/<sha>
+(workspaces are pruned) and run with the build's venv as a local, supervised service behind the
 environment's nginx router, whose port is allocated once and kept in
 home/routers/<repo>-<env>/port.
 
@@ -52,6 +54,7 @@ from cicd_dagster.deploy.strategies import (
 )
 from cicd_dagster.deploy.target import Limits, ServiceTarget
 from cicd_dagster.locks import file_lock
+from cicd_dagster.release.approvals import approval_refusal
 from cicd_dagster.runner import SecretMasker
 from cicd_dagster.sandbox import sandbox_for
 from cicd_dagster.security.provenance import ProvenanceError, SigningKeyError
@@ -61,6 +64,9 @@ from cicd_dagster.stages.context import StageContext, StageError
 from cicd_dagster.stages.source import load_source
 from cicd_dagster.stages.tests import TEST_STAGES
 from cicd_dagster.store import DeploymentRecord, HistoryStore
+from cicd_dagster.store.models import PROMOTION_STAGES
+
+QA_STAGE = "qa"
 
 
 def environment_for(
@@ -112,12 +118,14 @@ def unfit_build(history: HistoryStore, repository: str, sha: str) -> str | None:
     """Why this commit's CI does not let it deploy (no build, tests not finished, a failed
     stage or gate), or None for a green commit."""
     stages = history.stage_rows(repository, sha)
+    stages = stages[~stages["name"].isin(PROMOTION_STAGES)]
     if stages.empty or not (stages["name"] == "build").any():
         return f"{sha[:12]} has no build: run its CI first"
     failed = stages[stages["status"] == "failed"]
     if not failed.empty:
         return f"{sha[:12]} is red: stage {', '.join(failed['name'])} failed"
     gates = history.gate_rows(repository, sha)
+    gates = gates[~gates["stage"].isin(PROMOTION_STAGES)]
     if not gates.empty:
         red = gates[~gates["passed"].astype(bool)]
         if not red.empty:
@@ -149,7 +157,38 @@ def refusal(
             f"{sha[:12]} was never verified in {previous} ({previous} runs {current}): "
             f"deploy it to {previous} first"
         )
+    # Stage -> QA -> next: past an environment with qa, the commit's QA there must have
+    # passed (stages/qa.py); a rollback to a version verified here before needs none.
+    if (
+        previous is not None
+        and ctx.config.environment(previous).qa
+        and not was_verified(history, repo, environment, sha)
+    ):
+        failed_qa = unpassed_qa(history, repo, previous, sha)
+        if failed_qa is not None:
+            return f"qa in {previous} has not passed for {sha[:12]}: {failed_qa}"
+    # Approvals last: approvers are asked only for a commit that could otherwise deploy.
+    # A rollback to a version verified here before needs none: it was let in once.
+    if not was_verified(history, repo, environment, sha):
+        return approval_refusal(ctx.config, history, repo, environment, sha)
     return None
+
+
+def unpassed_qa(history: HistoryStore, repository: str, environment: str, sha: str) -> str | None:
+    """Why the commit's QA (run in `environment`) does not count as passed, or None. A
+    repository without a QA suite passes once its QA step has run and said so."""
+    stages = history.stage_rows(repository, sha)
+    qa = stages[stages["name"] == QA_STAGE]
+    if qa.empty:
+        return f"it has not run: `cicd qa {repository} --env {environment} --commit {sha[:12]}`"
+    row = qa.iloc[0]
+    gates = history.gate_rows(repository, sha)
+    red = gates[(gates["stage"] == QA_STAGE) & ~gates["passed"].astype(bool)]
+    if row["status"] in ("success", "not_configured") and red.empty:
+        return None
+    if isinstance(row["detail"], str) and row["detail"]:
+        return row["detail"]
+    return str(red["detail"].iloc[0]) if not red.empty else f"it {row['status']}"
 
 
 def secret_references(ctx: StageContext, environment: EnvironmentConfig) -> dict[str, str]:

@@ -18,6 +18,7 @@ GATES_BY_STAGE = {
     "integration": ("min_pass_rate", "min_coverage"),
     "e2e": ("min_pass_rate", "min_coverage"),
     "performance": ("min_pass_rate", "min_coverage", "max_perf_regression"),
+    "qa": ("min_pass_rate",),  # the QA suite against a deployed environment
 }
 
 

@@ -1,4 +1,5 @@
-"""security_rescan: what is in service, matched again against today's advisories.
+"""security_rescan: what is in service (deployed or released), matched again against
+today's advisories.
 
 A release scanned clean last month may be vulnerable today: a new advisory names one of
 its dependencies. The rescan reads each in-service commit's SBOM from the artifact store
@@ -43,8 +44,8 @@ _EVENT_ITEMS = 5  # findings named in an event's message
 class CommitRescan:
     repository: str
     commit: str
-    where: list[str]  # "prod (live)", "dev (standby)"...
-    environment: str  # the last of `where` in promotion order: the one an event names
+    where: list[str]  # "prod (live)", "dev (standby)", "v1.2.0 (released)"...
+    environment: str | None  # the last environment in promotion order running it
     dependencies: int = 0
     findings: list[FindingRecord] = field(default_factory=list)
     """Every dependency finding today, suppressed ones marked."""
@@ -96,7 +97,7 @@ def rescan_in_service(
         raise StageError(f"security rescan: {error}") from error
     commits = [
         _rescan_commit(config, history, db, repository, commit, places, now=now, today=today)
-        for commit, places in _by_commit(in_service(config), repository).items()
+        for commit, places in _by_commit(in_service(config, history), repository).items()
     ]
     return Rescan(commits, len(db.advisories), advisory_warnings(db), time.monotonic() - started)
 
@@ -121,7 +122,8 @@ def _rescan_commit(
     today: date,
 ) -> CommitRescan:
     where = [place.where for place in places]
-    environment = places[-1].environment
+    # The event names the last environment in promotion order that runs it, if any.
+    environment = next((p.environment for p in reversed(places) if p.environment), None)
     try:
         installed = _sbom_dependencies(config, repository, commit)
         repository_config = config.repository(repository)

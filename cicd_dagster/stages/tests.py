@@ -71,35 +71,49 @@ def run_test_stage(
         cached = None if ctx.force else ctx.workspace.load_result(stage, stage_fingerprint)
         if cached is not None:
             return read_reports(ctx, stage, stage_config, baseline, CommandsRun(**cached), True)
-        reports_dir = ctx.workspace.reports_dir(stage)
-        shutil.rmtree(reports_dir, ignore_errors=True)
-        reports_dir.mkdir(parents=True)
-        started = time.monotonic()
         env = ctx.step_env(stage, pipeline, build.env_dir)
-        exit_code: int | None = 0
-        failure = None
-        log_tail = ""
-        for command in stage_config.run:
-            result = ctx.run(stage, command, env, stage_config.timeout_s)
-            if not result.ok:
-                # Test commands exit non-zero when tests fail: the report still counts,
-                # and later commands are skipped as a shell `&&` chain would skip them.
-                exit_code, failure, log_tail = (
-                    result.exit_code,
-                    step_failure("test command", result),
-                    result.log_tail,
-                )
-                break
-        commands = CommandsRun(time.monotonic() - started, exit_code, failure)
-        try:
-            outcome = read_reports(ctx, stage, stage_config, baseline, commands)
-        except StageError as error:
-            if failure:
-                raise StageError(f"{failure}; {error.message}", log_tail=log_tail) from error
-            raise
+        outcome, commands = run_and_read(ctx, stage, stage_config, env, baseline)
         if outcome.status == "success":
             ctx.workspace.save_result(stage, stage_fingerprint, asdict(commands))
         return outcome
+
+
+def run_and_read(
+    ctx: StageContext,
+    stage: str,
+    config: TestStageConfig,
+    env: dict[str, str],
+    baseline: pd.DataFrame | None = None,
+    *,
+    cwd: Path | None = None,
+) -> tuple[TestStageOutcome, CommandsRun]:
+    """Run the stage's commands (in the checkout, or `cwd`) into a fresh reports folder
+    and read what they reported; StageError when nothing readable was reported."""
+    reports_dir = ctx.workspace.reports_dir(stage)
+    shutil.rmtree(reports_dir, ignore_errors=True)
+    reports_dir.mkdir(parents=True)
+    started = time.monotonic()
+    exit_code: int | None = 0
+    failure = None
+    log_tail = ""
+    for command in config.run:
+        result = ctx.run(stage, command, env, config.timeout_s, cwd)
+        if not result.ok:
+            # Test commands exit non-zero when tests fail: the report still counts,
+            # and later commands are skipped as a shell `&&` chain would skip them.
+            exit_code, failure, log_tail = (
+                result.exit_code,
+                step_failure("test command", result),
+                result.log_tail,
+            )
+            break
+    commands = CommandsRun(time.monotonic() - started, exit_code, failure)
+    try:
+        return read_reports(ctx, stage, config, baseline, commands), commands
+    except StageError as error:
+        if failure:
+            raise StageError(f"{failure}; {error.message}", log_tail=log_tail) from error
+        raise
 
 
 def read_reports(

@@ -26,29 +26,38 @@ from alembic.config import Config
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cicd_dagster.reports.junit import TestSummary
 from cicd_dagster.store.models import (
+    APPROVAL_DECISIONS,
+    DELIVERY_STATUSES,
     DEPLOYMENT_STATUSES,
     EVENT_KINDS,
     FINDING_KINDS,
     FINDING_SEVERITIES,
     FINDING_SOURCES,
+    PROMOTION_STAGES,
     STAGE_NAMES,
     STAGE_STATUSES,
     TEST_STAGES,
+    ApiToken,
+    Approval,
     Artifact,
     Base,
     Benchmark,
     Build,
     Commit,
+    Delivery,
     Deployment,
     Event,
     Finding,
     GateResult,
     HealthProbe,
     Incident,
+    Release,
     Repository,
     Stage,
     TestCase,
+    User,
     UTCDateTime,
 )
 
@@ -91,6 +100,21 @@ class StageRecord:
     detail: str | None = None
     reused: bool = False
     run_id: str | None = None
+
+    def with_counts(self, summary: TestSummary | None) -> "StageRecord":
+        """This record with the counts of a test stage's summary (as it is without one)."""
+        if summary is None:
+            return self
+        return dataclasses.replace(
+            self,
+            tests=summary.tests,
+            passed=summary.passed,
+            failed=summary.failed,
+            errors=summary.errors,
+            skipped=summary.skipped,
+            flaky=summary.flaky,
+            pass_rate=summary.pass_rate,
+        )
 
 
 @dataclass(frozen=True)
@@ -160,6 +184,67 @@ class ProbeRecord:
     status_code: int | None
     latency_ms: float
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """An event of the outbox, as notification channels tell it."""
+
+    id: int
+    repository: str
+    kind: str
+    environment: str | None
+    commit_sha: str | None
+    at: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A pending delivery claimed by one delivery run: `attempts` counts this one."""
+
+    id: int
+    channel: str
+    attempts: int
+    event: EventRecord
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user as the DB knows it: its roles there (cicd.yaml may give more)."""
+
+    name: str
+    email: str | None
+    roles: list[str]
+    created_at: datetime
+    removed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    """Whose an API token is, and whether it still counts."""
+
+    user: UserRecord
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A version of a repository, tagged at a commit (a row of the releases table)."""
+
+    version: str
+    tag: str
+    commit_sha: str
+    previous_version: str | None
+    bump: str  # major, minor, patch, prerelease or initial
+    prerelease: bool
+    commit_count: int
+    changelog: str
+    created_at: datetime
+    notes_path: str | None = None
+    report_path: str | None = None
+    run_id: str | None = None
+    created_by: str | None = None
 
 
 class HistoryStore:
@@ -469,12 +554,30 @@ class HistoryStore:
         environment: str | None = None,
         commit_sha: str | None = None,
         at: datetime | None = None,
+        once: bool = False,
     ) -> int:
-        """Add an event for notification channels to deliver and return its id."""
+        """Add an event for notification channels to deliver and return its id. With
+        `once`, an event of this kind, environment and commit is added only the first time;
+        later calls return the first one's id."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
         with self._writing() as session:
-            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            # Locked so that concurrent `once` callers take turns (PostgreSQL).
+            repository_id = _lock_repository(session, repository)
+            if once:
+                first = session.scalar(
+                    sa.select(Event.id)
+                    .where(
+                        Event.repository_id == repository_id,
+                        Event.kind == kind,
+                        Event.environment.is_not_distinct_from(environment),
+                        Event.commit_sha.is_not_distinct_from(commit_sha),
+                    )
+                    .order_by(Event.id)
+                    .limit(1)
+                )
+                if first is not None:
+                    return first
             row = Event(
                 repository_id=repository_id,
                 kind=kind,
@@ -673,15 +776,19 @@ class HistoryStore:
     ) -> pd.DataFrame:
         """One row per build, newest first, with its status, duration and test counts.
 
-        status: "failed" if a stage or gate failed, else "success" once source and build
-        succeeded, else "running". Counts add up the test stages; pass_rate is
+        status: "failed" if a CI stage or gate failed (QA is not CI), else "success" once
+        source and build succeeded, else "running". Counts add up the test stages; pass_rate is
         passed / (passed + failed + errors), NaN when nothing ran. `since` keeps the builds
         created at or after it.
         """
         totals = _stage_totals()
         counts = {name: sa.func.coalesce(totals.c[name], 0) for name in _COUNTS}
         executed = counts["passed"] + counts["failed"] + counts["errors"]
-        failed_gate = sa.exists().where(GateResult.build_id == Build.id, sa.not_(GateResult.passed))
+        failed_gate = sa.exists().where(
+            GateResult.build_id == Build.id,
+            GateResult.stage.not_in(PROMOTION_STAGES),
+            sa.not_(GateResult.passed),
+        )
         status = sa.case(
             (sa.or_(totals.c.failed_stages > 0, failed_gate), "failed"),
             (totals.c.green_prerequisites == 2, "success"),
@@ -831,6 +938,461 @@ class HistoryStore:
         columns = ["repository", "environment", "commit", "opened_at", "closed_at", "duration_s"]
         return frame[[*columns, "reason"]]
 
+    # --- reports and housekeeping ---
+
+    def gate_results(
+        self, repository: str | None = None, since: datetime | None = None
+    ) -> pd.DataFrame:
+        """One row per gate evaluated, newest build first: the build's repository, commit,
+        branch and created_at, then stage, name, passed, value, threshold, detail. `since`
+        keeps the builds created at or after it."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Build.created_at,
+                GateResult.stage,
+                GateResult.name,
+                GateResult.passed,
+                GateResult.value,
+                GateResult.threshold,
+                GateResult.detail,
+            )
+            .select_from(GateResult)
+            .join(Build)
+            .join(Repository)
+            .order_by(
+                Build.created_at.desc(),
+                Build.id.desc(),
+                _stage_order(GateResult.stage),
+                GateResult.name,
+            )
+        )
+        return self._read(_filter_builds(statement, repository, since, None))
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql"."""
+        return self._engine.dialect.name
+
+    def size_bytes(self) -> int:
+        """The size of the database: SQLite's pages, or PostgreSQL's pg_database_size."""
+        with self._engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                size = connection.scalar(sa.text("SELECT pg_database_size(current_database())"))
+            else:
+                page_size = connection.exec_driver_sql("PRAGMA page_size").scalar_one()
+                size = connection.exec_driver_sql("PRAGMA page_count").scalar_one() * page_size
+        return int(size)
+
+    def vacuum(self) -> None:
+        """Reclaim free space and refresh the planner's statistics: VACUUM and ANALYZE (on
+        PostgreSQL VACUUM (ANALYZE) of this schema's tables), which must run outside a
+        transaction. SQLite rewrites the whole file and waits for other writers."""
+        with self._engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            if connection.dialect.name == "postgresql":
+                preparer = connection.dialect.identifier_preparer
+                tables = ", ".join(preparer.format_table(t) for t in Base.metadata.sorted_tables)
+                connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
+            else:
+                connection.exec_driver_sql("ANALYZE")  # first, so VACUUM packs its stats too
+                connection.exec_driver_sql("VACUUM")
+                # The rewritten pages go through the WAL; copy them back and shrink it.
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                # Back in the pool, the driver would no longer be left in autocommit as
+                # _configure_sqlite set it up: a fresh connection is.
+                connection.invalidate()
+
+    # --- access control and approvals ---
+
+    def save_user(
+        self, name: str, *, roles: Sequence[str] | None, email: str | None, at: datetime
+    ) -> UserRecord:
+        """Create the user, or update it: its roles and email where given (None keeps
+        them). A removed user is restored; its old tokens stay revoked."""
+        with self._writing() as session:
+            values: dict[str, Any] = {"removed_at": None}
+            if roles is not None:
+                values["roles"] = sorted(set(roles))
+            if email is not None:
+                values["email"] = email
+            defaults = {"created_at": at, "roles": [], "email": None}
+            on_insert = {key: value for key, value in defaults.items() if key not in values}
+            row = _upsert(session, User, {"name": name}, values, on_insert=on_insert)
+            return _user_record(row)
+
+    def add_token(
+        self, user: str, token_sha256: str, *, at: datetime, revoke_others: bool = False
+    ) -> None:
+        """Give the user a token (by its sha256); LookupError for an unknown or removed
+        user. `revoke_others` revokes the tokens it had."""
+        with self._writing() as session:
+            user_id = session.scalar(
+                sa.select(User.id).where(User.name == user, User.removed_at.is_(None))
+            )
+            if user_id is None:
+                raise LookupError(f"no user {user!r}: add it first")
+            if revoke_others:
+                session.execute(
+                    sa.update(ApiToken)
+                    .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=at)
+                )
+            session.add(ApiToken(user_id=user_id, token_sha256=token_sha256, created_at=at))
+
+    def remove_user(self, name: str, *, at: datetime) -> bool:
+        """Mark the user removed and revoke its tokens; False if there is no such user
+        (or it was removed before). Its approvals stay, as history."""
+        with self._writing() as session:
+            row = session.scalars(
+                sa.select(User).where(User.name == name, User.removed_at.is_(None))
+            ).one_or_none()
+            if row is None:
+                return False
+            row.removed_at = at
+            session.execute(
+                sa.update(ApiToken)
+                .where(ApiToken.user_id == row.id, ApiToken.revoked_at.is_(None))
+                .values(revoked_at=at)
+            )
+            return True
+
+    def user(self, name: str) -> UserRecord | None:
+        with Session(self._engine) as session:
+            row = session.scalars(sa.select(User).where(User.name == name)).one_or_none()
+            return None if row is None else _user_record(row)
+
+    def users(self, *, include_removed: bool = False) -> pd.DataFrame:
+        """One row per user, by name: name, email, roles (the DB's), created_at,
+        removed_at, tokens (how many are active), last_used_at (of any token)."""
+        active = sa.case((ApiToken.revoked_at.is_(None), 1), else_=0)
+        statement = (
+            sa.select(
+                User.name,
+                User.email,
+                User.roles,
+                User.created_at,
+                User.removed_at,
+                sa.func.coalesce(sa.func.sum(active), 0).label("tokens"),
+                sa.func.max(ApiToken.last_used_at).label("last_used_at"),
+            )
+            .select_from(User)
+            .outerjoin(ApiToken)
+            .group_by(User.id)
+            .order_by(User.name)
+        )
+        if not include_removed:
+            statement = statement.where(User.removed_at.is_(None))
+        return self._read(statement)
+
+    def token_owner(self, token_sha256: str, *, used_at: datetime) -> TokenOwner | None:
+        """The owner of the token with this sha256, or None. The token's last_used_at
+        becomes `used_at` when it counts (not revoked, its user not removed)."""
+        with self._writing() as session:
+            found = session.execute(
+                sa.select(ApiToken, User).join(User).where(ApiToken.token_sha256 == token_sha256)
+            ).one_or_none()
+            if found is None:
+                return None
+            token, user = found
+            if token.revoked_at is None and user.removed_at is None:
+                token.last_used_at = used_at
+            return TokenOwner(_user_record(user), token.revoked_at)
+
+    def record_approval(
+        self,
+        repository: str,
+        environment: str,
+        commit_sha: str,
+        *,
+        user: str | None,
+        decision: str,
+        reason: str,
+        at: datetime,
+    ) -> bool:
+        """Add an approval or a refused attempt; False (nothing added) for an approval by
+        a user who approved this commit for this environment already."""
+        if decision not in APPROVAL_DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; expected one of {APPROVAL_DECISIONS}")
+        with self._writing() as session:
+            # Locked so that the same user's concurrent approvals take turns (PostgreSQL).
+            repository_id = _lock_repository(session, repository)
+            if decision == "approved":
+                earlier = session.scalar(
+                    sa.select(Approval.id).where(
+                        Approval.repository_id == repository_id,
+                        Approval.environment == environment,
+                        Approval.commit_sha == commit_sha,
+                        Approval.user_name == user,
+                        Approval.decision == "approved",
+                    )
+                )
+                if earlier is not None:
+                    return False
+            session.add(
+                Approval(
+                    repository_id=repository_id,
+                    environment=environment,
+                    commit_sha=commit_sha,
+                    user_name=user,
+                    decision=decision,
+                    reason=reason,
+                    at=at,
+                )
+            )
+            return True
+
+    def approvals(
+        self,
+        repository: str | None = None,
+        environment: str | None = None,
+        commit: str | None = None,
+    ) -> pd.DataFrame:
+        """One row per approval or refused attempt, oldest first: repository, environment,
+        commit, user, decision, reason, at."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Approval.environment,
+                Approval.commit_sha.label("commit"),
+                Approval.user_name.label("user"),
+                Approval.decision,
+                Approval.reason,
+                Approval.at,
+            )
+            .select_from(Approval)
+            .join(Repository)
+            .order_by(Approval.at, Approval.id)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if environment is not None:
+            statement = statement.where(Approval.environment == environment)
+        if commit is not None:
+            statement = statement.where(Approval.commit_sha == commit)
+        return self._read(statement)
+
+    # --- notifications ---
+
+    def enqueue_deliveries(
+        self,
+        channel: str,
+        kinds: Sequence[str],
+        *,
+        not_before: datetime,
+        new_channel_since: datetime,
+    ) -> int:
+        """Add a pending delivery to `channel` for each event of `kinds` it has none for yet,
+        and return how many were added. Idempotent, and safe to run concurrently.
+
+        Events before `not_before` are never added. A channel starts where its first
+        delivery is: a channel without any gets the events since `new_channel_since`, or, if
+        there are none, a "skipped" delivery of the newest event marks where it starts, so
+        that a new channel is not sent the whole history.
+        """
+        unknown = sorted(set(kinds) - set(EVENT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown event kinds {unknown}; expected some of {EVENT_KINDS}")
+        with self._writing() as session:
+            start = session.scalar(
+                sa.select(sa.func.min(Delivery.event_id)).where(Delivery.channel == channel)
+            )
+            known = sa.exists().where(Delivery.event_id == Event.id, Delivery.channel == channel)
+            statement = (
+                sa.select(Event.id)
+                .where(Event.kind.in_(kinds), Event.at >= not_before, ~known)
+                .order_by(Event.id)
+            )
+            if start is None:
+                statement = statement.where(Event.at >= new_channel_since)
+            else:
+                statement = statement.where(Event.id > start)
+            event_ids = list(session.scalars(statement))
+            rows = [
+                {"event_id": event_id, "channel": channel, "status": "pending", "attempts": 0}
+                for event_id in event_ids
+            ]
+            if start is None and not rows:
+                newest = session.scalar(sa.select(sa.func.max(Event.id)))
+                if newest is not None:
+                    marker = {"event_id": newest, "channel": channel, "status": "skipped"}
+                    _insert_new(session, Delivery, [{**marker, "attempts": 0}])
+            return _insert_new(session, Delivery, rows)
+
+    def claim_delivery(
+        self, channel: str, *, now: datetime, lease_until: datetime
+    ) -> ClaimedDelivery | None:
+        """The oldest pending delivery to `channel` due at `now`, claimed: its attempt is
+        counted and its next attempt moved to `lease_until`, so that concurrent delivery runs
+        pass it by (and retry it after the lease if this run dies). None if none is due."""
+        if lease_until <= now:
+            raise ValueError("lease_until must be after now")
+        with self._writing() as session:
+            found = session.execute(
+                sa.select(Delivery, Event, Repository.name)
+                .join(Event, Delivery.event_id == Event.id)
+                .join(Repository, Event.repository_id == Repository.id)
+                .where(
+                    Delivery.channel == channel,
+                    Delivery.status == "pending",
+                    sa.or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Event.at, Event.id)
+                .limit(1)
+                # PostgreSQL: a concurrent run takes the next row rather than this one.
+                .with_for_update(of=Delivery, skip_locked=True)
+            ).first()
+            if found is None:
+                return None
+            delivery, event, repository = found
+            delivery.attempts += 1
+            delivery.next_attempt_at = lease_until
+            return ClaimedDelivery(
+                id=delivery.id,
+                channel=channel,
+                attempts=delivery.attempts,
+                event=EventRecord(
+                    id=event.id,
+                    repository=repository,
+                    kind=event.kind,
+                    environment=event.environment,
+                    commit_sha=event.commit_sha,
+                    at=event.at,
+                    message=event.message,
+                ),
+            )
+
+    def mark_delivered(self, delivery_id: int, *, at: datetime) -> None:
+        with self._writing() as session:
+            session.execute(
+                sa.update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(status="sent", delivered_at=at, next_attempt_at=None, last_error=None)
+            )
+
+    def mark_delivery_failed(
+        self, delivery_id: int, error: str, *, retry_at: datetime | None
+    ) -> None:
+        """Record a failed attempt: pending again at `retry_at`, or failed for good if None."""
+        with self._writing() as session:
+            session.execute(
+                sa.update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(
+                    status="pending" if retry_at is not None else "failed",
+                    next_attempt_at=retry_at,
+                    last_error=error,
+                )
+            )
+
+    def deliveries(
+        self,
+        repository: str | None = None,
+        channel: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """One row per delivery of an event to a channel, newest event first; `since` keeps
+        the events at or after it. The "skipped" start markers only when asked for."""
+        if status is not None and status not in DELIVERY_STATUSES:
+            raise ValueError(f"unknown delivery status {status!r}; expected {DELIVERY_STATUSES}")
+        statement = (
+            sa.select(
+                Delivery.event_id,
+                Repository.name.label("repository"),
+                Event.kind,
+                Event.environment,
+                Event.commit_sha.label("commit"),
+                Event.at,
+                Delivery.channel,
+                Delivery.status,
+                Delivery.attempts,
+                Delivery.last_error,
+                Delivery.next_attempt_at,
+                Delivery.delivered_at,
+            )
+            .select_from(Delivery)
+            .join(Event, Delivery.event_id == Event.id)
+            .join(Repository, Event.repository_id == Repository.id)
+            .where(
+                Delivery.status == status if status is not None else Delivery.status != "skipped"
+            )
+            .order_by(Event.at.desc(), Event.id.desc(), Delivery.channel)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if channel is not None:
+            statement = statement.where(Delivery.channel == channel)
+        if since is not None:
+            statement = statement.where(Event.at >= since)
+        return self._read(statement)
+
+    # --- releases ---
+
+    def record_release(self, repository: str, release: ReleaseRecord) -> int:
+        """Add the release and return its id; ValueError if the version exists already."""
+        with self._writing() as session:
+            repository_id = _upsert(session, Repository, {"name": repository}, {}).id
+            row = Release(repository_id=repository_id, **dataclasses.asdict(release))
+            try:
+                with session.begin_nested():
+                    session.add(row)
+            except IntegrityError as error:
+                raise ValueError(f"{repository} {release.version} is released already") from error
+            return row.id
+
+    def set_release_report(self, repository: str, version: str, report_path: str) -> None:
+        """Link the release's HTML report (written once its row exists); LookupError if
+        there is no such release."""
+        with self._writing() as session:
+            row = session.scalars(
+                sa.select(Release)
+                .join(Repository)
+                .where(Repository.name == repository, Release.version == version)
+            ).one_or_none()
+            if row is None:
+                raise LookupError(f"{repository} has no release {version!r}")
+            row.report_path = report_path
+
+    def releases(
+        self,
+        repository: str | None = None,
+        commit: str | None = None,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """One row per release, newest first; `commit` keeps the releases of that commit,
+        `since` those created at or after it."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Release.version,
+                Release.tag,
+                Release.commit_sha.label("commit"),
+                Release.previous_version,
+                Release.bump,
+                Release.prerelease,
+                Release.commit_count,
+                Release.created_at,
+                Release.created_by,
+                Release.run_id,
+                Release.notes_path,
+                Release.report_path,
+                Release.changelog,
+            )
+            .select_from(Release)
+            .join(Repository)
+            .order_by(Release.created_at.desc(), Release.id.desc())
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if commit is not None:
+            statement = statement.where(Release.commit_sha == commit)
+        if since is not None:
+            statement = statement.where(Release.created_at >= since)
+        return self._read(statement)
+
     # -- helpers -----------------------------------------------------------------------------
 
     @contextmanager
@@ -894,7 +1456,10 @@ def _configure_sqlite(engine: sa.Engine) -> None:
     def _on_begin(connection: sa.Connection) -> None:
         # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY
         # if another process wrote in between; a writer therefore takes the lock up front.
-        writes = connection.get_execution_options().get(_WRITES, False)
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return  # VACUUM, for one, must run outside any transaction
+        writes = options.get(_WRITES, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
@@ -927,6 +1492,30 @@ def _upsert(
         setattr(row, name, value)
     session.flush()
     return row
+
+
+def _user_record(row: User) -> UserRecord:
+    return UserRecord(
+        name=row.name,
+        email=row.email,
+        roles=list(row.roles),
+        created_at=row.created_at,
+        removed_at=row.removed_at,
+    )
+
+
+def _insert_new(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> int:
+    """Insert the rows that violate no unique constraint (a concurrent writer may have added
+    the others) and return how many were inserted."""
+    inserted = 0
+    for row in rows:
+        try:
+            with session.begin_nested():
+                session.execute(sa.insert(model), [row])
+            inserted += 1
+        except IntegrityError:
+            pass
+    return inserted
 
 
 def _lock_repository(session: Session, repository: str) -> int:
@@ -1047,7 +1636,8 @@ def _insert_rows(
 
 
 def _stage_totals() -> sa.Subquery:
-    """Per build: duration, failed stages, succeeded source/build stages, test counts."""
+    """Per build: duration, failed stages, succeeded source/build stages, test counts; of
+    its CI stages only (QA of a deployment is not part of the build)."""
 
     def test_stage_sum(column: sa.ColumnElement[int | None], name: str) -> sa.Label[Any]:
         return sa.func.sum(sa.case((Stage.name.in_(TEST_STAGES), column))).label(name)
@@ -1065,6 +1655,7 @@ def _stage_totals() -> sa.Subquery:
             ).label("green_prerequisites"),
             *[test_stage_sum(getattr(Stage, name), name) for name in _COUNTS],
         )
+        .where(Stage.name.not_in(PROMOTION_STAGES))
         .group_by(Stage.build_id)
         .subquery()
     )

@@ -5,11 +5,13 @@ must describe the same tables (a test compares them with the migrated database).
 """
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from cicd_dagster.config import NotificationEvent
 
 STAGE_NAMES = (
     "source",
@@ -21,7 +23,11 @@ STAGE_NAMES = (
     "security_scan",
     "sbom",
     "artifact",
+    "qa",
 )
+# Run against a deployed environment after CI: recorded with the build, not part of its
+# CI status (a commit that fails QA in staging stays green for dev and for rollbacks).
+PROMOTION_STAGES = ("qa",)
 STAGE_STATUSES = ("success", "failed", "not_configured", "skipped")
 # Stages that run tests; their counts add up to a build's test counts.
 TEST_STAGES = ("unit", "integration", "e2e", "performance")
@@ -33,19 +39,13 @@ DEPLOYMENT_STATUSES = ("deployed", "rolled_back", "failed", "refused")
 FINDING_KINDS = ("sast", "dependency", "license", "secret")
 FINDING_SEVERITIES = ("low", "medium", "high", "critical", "unknown")
 FINDING_SOURCES = ("build", "rescan")
+# An approval of a commit for an environment, or an attempt to give one that was refused.
+APPROVAL_DECISIONS = ("approved", "refused")
+# An event's delivery to a channel: pending (due at next_attempt_at), sent, failed (gave up),
+# or skipped: the newest event when the channel was first seen, where its deliveries start.
+DELIVERY_STATUSES = ("pending", "sent", "failed", "skipped")
 # What notification channels can subscribe to (cicd.yaml notifications[].events).
-EVENT_KINDS = (
-    "failed",
-    "deployed",
-    "rolled_back",
-    "approval_requested",
-    "released",
-    "security_finding",
-    "incident_opened",
-    "incident_closed",
-    "service_error",
-    "drift",
-)
+EVENT_KINDS: tuple[str, ...] = get_args(NotificationEvent)
 
 # Named constraints let later migrations drop or alter them, also in SQLite batch mode.
 NAMING_CONVENTION = {

@@ -38,6 +38,7 @@ def control_file(folder: Path, target: str) -> Path:
         f"    strategy: {{type: {strategy}, replicas: 2}}\n"
         f"    env: {{SHOP_ENVIRONMENT: {name}}}\n"
         "    verify: {interval_s: 0.2, success_threshold: 2, rollback_window_s: 600}\n"
+        + ("    qa: true\n" if name == "staging" else "")
         for name, strategy in STRATEGIES.items()
     )
     path = folder / "cicd.yaml"
@@ -112,6 +113,10 @@ def test_the_demo_goes_to_prod_and_a_broken_version_rolls_back(delivery: Path) -
             strategy,
         ), deployed
         assert '"status": "ok"' in http_get(deployed["url"] + "/healthz")
+        if environment == "staging":  # Stage -> QA -> Prod: the demo's QA suite
+            qa = cicd_json(config, "qa", "demo", "--env", "staging", "--json")
+            assert isinstance(qa, dict)
+            assert (qa["status"], qa["commit"], qa["failed"]) == ("success", good, 0), qa
 
     broken = break_the_app(repo)
     assert cicd_json(config, "run", "demo", "--json")["status"] == "success"  # type: ignore[index]

@@ -15,6 +15,7 @@ import pytest
 from cicd_dagster.config import load_control_config
 from cicd_dagster.stages.artifact import SBOM_NAME, artifact_store
 from cicd_dagster.stages.deploy import environment_for
+from cicd_dagster.stages.release import make_release
 from cicd_dagster.store import HistoryStore
 from jobs.inprocess import deploy_commit_in_process
 from tests.integration.test_deploy import SERVICE, SERVICE_CONFIG
@@ -90,6 +91,15 @@ def test_rescan_catches_an_advisory_published_after_the_deploy(tmp_path: Path, n
         assert (code, again["new_findings"], again["blocking_findings"]) == (1, 0, 1)
         assert [f["new"] for f in again["findings"]] == [False]
         assert len(history.events(repository="app", kind="security_finding")) == 1
+
+        # Released, then taken out of prod: a release stays in service, and is rescanned.
+        make_release(config, "app", sha, history)
+        tear_down(environment)
+        code, released = rescan(config_path)
+        assert code == 1
+        assert [(f["where"], f["new"]) for f in released["findings"]] == [
+            ("v0.1.0 (released)", False)
+        ]
 
         # A tampered SBOM is never what gets scanned: the commit is reported unscannable.
         store = artifact_store(config)

@@ -24,6 +24,8 @@ from cicd_dagster.deploy.strategies import Environment, Release
 from cicd_dagster.retention import RetentionResult, prune_artifacts
 from cicd_dagster.stages.artifact import PROVENANCE_NAME, SBOM_NAME, artifact_store
 from cicd_dagster.stages.deploy import environment_for
+from cicd_dagster.store import HistoryStore
+from cicd_dagster.store.history import ReleaseRecord
 from tests.support import control_config, tear_down
 
 CICD = [sys.executable, "-m", "cicd_dagster"]
@@ -142,6 +144,37 @@ def test_old_unreferenced_commits_are_pruned_with_their_sbom_and_provenance(
     assert stored_commits(store) == {("shop", sha(2))}
     assert blobs(store) == young
     assert store.verify_all() == []  # nothing left naming a deleted blob
+
+
+def test_a_released_commit_is_kept_however_old(
+    make_config: Callable[[str], ControlConfig],
+) -> None:
+    config = make_config("artifacts: {retention_days: 30, keep_last: 0}\n")
+    store = artifact_store(config)
+    released = publish(store, "shop", sha(1), b"wheel 1")
+    old = publish(store, "shop", sha(2), b"wheel 2")
+    for number in (1, 2):
+        backdate(store, "shop", sha(number), OLD)
+    HistoryStore(config.history_db_url).record_release(
+        "shop",
+        ReleaseRecord(
+            version="1.0.0",
+            tag="v1.0.0",
+            commit_sha=sha(1),
+            previous_version=None,
+            bump="initial",
+            prerelease=False,
+            commit_count=1,
+            changelog="",
+            created_at=datetime.now(UTC),
+        ),
+    )
+
+    result = prune(config)
+
+    assert {blob.digest for blob in result.deleted} == old
+    assert blobs(store) == released
+    assert [(k.commit, k.reasons) for k in result.kept] == [(sha(1), ["released as v1.0.0"])]
 
 
 @pytest.mark.slow

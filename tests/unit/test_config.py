@@ -802,7 +802,8 @@ def test_nested_aliases_do_not_expand_into_a_billion_items() -> None:
     error = pipeline_config_error(text)
 
     assert str(error).splitlines()[0] == (
-        f'{SOURCE}:1: a0: unknown field "a0" (allowed: build, tests, gates, service, env, security)'
+        f'{SOURCE}:1: a0: unknown field "a0" '
+        "(allowed: build, tests, gates, service, qa, env, security)"
     )
 
 

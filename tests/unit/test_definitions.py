@@ -23,8 +23,10 @@ def two_repository_definitions(tmp_path: Path) -> Definitions:
         "  - {name: shop-api, url: /srv/git/shop-api, poll_interval_s: 60}\n"
         "  - {name: billing, url: 'https://example.invalid/billing.git', tags: ['v*']}\n"
         "environments:\n"
-        "  - {name: dev}\n"
-        "  - {name: prod-eu, strategy: {type: blue_green}}\n"
+        "  - {name: dev, qa: true}\n"
+        "  - name: prod-eu\n"
+        "    strategy: {type: blue_green}\n"
+        "    approvals: {required: 1, roles: [release-manager]}\n"
     )
     return build_definitions(load_control_config(config))
 
@@ -83,7 +85,7 @@ def test_the_rescan_schedule_follows_cicd_yaml(tmp_path):
         "repositories: [{name: app, url: /srv/git/app}]\n"
         "security: {rescan_schedule: '30 1 * * mon-fri'}\n"
     )
-    schedule = build_definitions(load_control_config(config)).get_schedule_def(
+    schedule = build_definitions(load_control_config(config)).resolve_schedule_def(
         "security_rescan_schedule"
     )
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * mon-fri", "UTC")
