@@ -4,6 +4,7 @@ Each materializes the stage's report and answers its quality gates as blocking a
 checks, so a failed gate stops everything downstream in the run.
 """
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,9 @@ from assets.common import (
     stage_context,
     table,
 )
+from cicd_dagster.analytics.flaky import case_ids, mark_reruns
 from cicd_dagster.config import RepositoryConfig
+from cicd_dagster.reports.junit import summarize
 from cicd_dagster.resources import CicdResource
 from cicd_dagster.stages import StageError
 from cicd_dagster.stages.build import load_build
@@ -81,6 +84,11 @@ def report_asset(
             outcome = run_test_stage(ctx, stage, pipeline, build, baseline)
         except StageError as error:
             raise fail_stage(context, cicd, ctx, stage, started_at, error) from error
+        if outcome.cases is not None:
+            # A re-run of the commit: a test whose outcome changed since its last run is flaky.
+            previous = history.test_outcomes(repository.name, commit_sha=ctx.sha, stage=stage)
+            cases = mark_reruns(previous, outcome.cases)
+            outcome = dataclasses.replace(outcome, cases=cases, summary=summarize(cases))
         gates = evaluate_gates(pipeline.gates, outcome)
         summary = outcome.summary
         history.record_stage(
@@ -117,7 +125,9 @@ def report_metadata(outcome: TestStageOutcome) -> dict[str, Any]:
     summary = outcome.summary
     cases = outcome.cases
     assert summary is not None and cases is not None
-    failures = cases[cases["status"].isin(["failed", "error"])]
+    failures = cases[cases["status"].isin(["failed", "error"])].assign(
+        quarantined=lambda failed: case_ids(failed).isin(outcome.quarantined)
+    )
     slowest = cases.sort_values("duration_s", ascending=False)
     metadata: dict[str, Any] = {
         "status": outcome.status,
@@ -132,11 +142,13 @@ def report_metadata(outcome: TestStageOutcome) -> dict[str, Any]:
         "test_time_s": round(summary.duration_s, 3),
         "reused": outcome.reused,
         "reports": ", ".join(outcome.reports),
-        "failures": table(failures, ["classname", "name", "status", "message"]),
+        "quarantined_failures": len(outcome.quarantined),
+        "failures": table(failures, ["classname", "name", "status", "quarantined", "message"]),
         "slowest_tests": table(slowest, ["classname", "name", "duration_s"], limit=10),
         "summary": MetadataValue.md(
             f"**{summary.passed}/{summary.tests}** passed, {summary.failed} failed, "
             f"{summary.errors} errors, {summary.skipped} skipped"
+            + (f" ({len(outcome.quarantined)} quarantined)" if outcome.quarantined else "")
             + (f"\n\n{outcome.failure}" if outcome.failure else "")
         ),
     }

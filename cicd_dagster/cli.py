@@ -1,5 +1,5 @@
 """The `cicd` command: validate, run, deploy, qa, down, status, verify, rescan, infra,
-artifacts, users, approve, notify, release, history, report, ui, demo.
+artifacts, users, approve, notify, release, history, report, metrics, events, ui, demo.
 
 Exit codes: 0 green, 1 red (a failed stage or gate; a deployment not deployed), 2 usage
 or configuration error.
@@ -8,6 +8,7 @@ Machine-readable output goes to stdout; progress and messages go to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -65,6 +66,10 @@ notify_app = typer.Typer(
 app.add_typer(notify_app, name="notify")
 report_app = typer.Typer(help="HTML reports a person would read.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
+metrics_app = typer.Typer(help="Delivery analytics from the history DB.", no_args_is_help=True)
+app.add_typer(metrics_app, name="metrics")
+events_app = typer.Typer(help="Delivery events from other systems.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
 
 
 class _DefaultCommandGroup(TyperGroup):
@@ -1282,6 +1287,281 @@ def history_releases(
     history = HistoryStore(_config(config).history_db_url)
     frame = history.releases(repository=repo, since=_since(since))
     _emit(frame.drop(columns=["changelog"]) if output is OutputFormat.table else frame, output)
+
+
+@events_app.command("import")
+def events_import(
+    file: Annotated[Path, typer.Argument(help="JSON lines of changes, deployments, incidents")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Import changes, deployments and incidents from other systems (fourkeys-style JSON
+    lines, see the README); bad lines are reported by number and skipped (exit 1), an id
+    imported before changes nothing."""
+    from cicd_dagster.analytics.events_import import import_events
+
+    control = _config(config)
+    if not file.is_file():
+        raise UsageError(f"{file}: no such file")
+    done = import_events(HistoryStore(control.history_db_url), file, now=datetime.now(UTC))
+    for error in done.errors:
+        err.print(f"{file}:{error.line}: {error.message}", markup=False, highlight=False)
+    for source_id in done.result.conflicting:
+        err.print(
+            f"{file}: id {source_id!r} was imported before with other content: kept as it was",
+            markup=False,
+            highlight=False,
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(done.to_json(), indent=2) + "\n")
+    else:
+        result = done.result
+        sys.stdout.write(
+            f"{len(result.imported)} imported, {len(result.unchanged)} already there, "
+            f"{len(result.conflicting)} conflicting, {len(done.errors)} bad lines skipped\n"
+        )
+    if done.errors or done.result.conflicting:
+        raise typer.Exit(1)
+
+
+@metrics_app.command("dora")
+def metrics_dora(
+    repo: RepoOption = None,
+    since: Annotated[
+        str, typer.Option(help="start of the period: 90d (fourkeys' 3 months), or an ISO date")
+    ] = "90d",
+    until: Annotated[
+        str | None, typer.Option(help="end of the period: an ISO date/time (default: now)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """DORA's four keys per repository with fourkeys' definitions: deployment frequency,
+    lead time for changes, change failure rate, time to restore, each with its DORA level
+    ("no data" where the period has none)."""
+    from cicd_dagster.analytics.dora import all_dora_metrics
+
+    control = _config(config)
+    history = HistoryStore(control.history_db_url)
+    end = _since(until) or datetime.now(UTC)
+    start = _since(since)
+    assert start is not None
+    if start >= end:
+        raise UsageError(f"--since {since!r} is not before the end of the period")
+    names = [repo] if repo else None
+    configured = {r.name for r in control.repositories}
+    if repo and repo not in configured and history.external_events(repo).empty:
+        raise UsageError(f"unknown repository {repo!r}: not in cicd.yaml nor imported")
+    results = [metrics for metrics, _ in all_dora_metrics(control, history, start, end, names)]
+    for metrics in results:
+        for note in metrics.notes:
+            err.print(f"{metrics.repository}: {note}", markup=False, highlight=False)
+    if as_json:
+        document = {
+            "since": start.isoformat(),
+            "until": end.isoformat(),
+            "environment": control.environments[-1].name if control.environments else None,
+            "repositories": [metrics.to_json() for metrics in results],
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    table = Table(title=f"DORA metrics {start:%Y-%m-%d %H:%M} - {end:%Y-%m-%d %H:%M} UTC")
+    for column in ("repository", "deployment frequency", "lead time", "change failure", "restore"):
+        table.add_column(column)
+    for metrics in results:
+        table.add_row(metrics.repository, *_dora_cells(metrics.to_json()))
+    _print_table(table)
+
+
+def _dora_cells(document: dict[str, Any]) -> list[str]:
+    def cell(metric: dict[str, Any], value: str) -> str:
+        if metric["level"] == "no data":
+            return "no data"
+        return f"{value} ({metric['bucket'] or '-'}, {metric['level']})"
+
+    frequency = document["deployment_frequency"]
+    lead = document["lead_time_for_changes"]
+    failure = document["change_failure_rate"]
+    restore = document["time_to_restore"]
+    return [
+        cell(frequency, f"{frequency['deployments']} deployments, {frequency['per_week']}/week"),
+        cell(lead, f"{lead['median_minutes']} min"),
+        cell(failure, f"{failure['failed_deployments']}/{failure['deployments']}"),
+        cell(restore, f"{restore['median_minutes']} min"),
+    ]
+
+
+def _period(since: str) -> tuple[datetime, datetime]:
+    start = _since(since)
+    assert start is not None
+    until = datetime.now(UTC)
+    if start >= until:
+        raise UsageError(f"--since {since!r} is not in the past")
+    return start, until
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = json.loads(
+        frame.to_json(orient="records", date_format="iso") or "[]"
+    )
+    return records
+
+
+def _print_sections(summary: dict[str, Any], sections: dict[str, pd.DataFrame]) -> None:
+    for name, value in summary.items():
+        sys.stdout.write(f"{name:<24} {'no data' if value is None else value}\n")
+    for title, frame in sections.items():
+        sys.stdout.write(f"\n{title}\n")
+        if frame.empty:
+            sys.stdout.write("no data\n")
+        else:
+            _emit(frame, OutputFormat.table)
+
+
+@metrics_app.command("performance")
+def metrics_performance(
+    repo: RepoOption = None,
+    since: Annotated[str, typer.Option(help="30d, 12h, 45m or an ISO date")] = "30d",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Build and stage durations, the slowest tests and how they changed, benchmark
+    regressions, the dependency cache hit rate, queue and run times of Dagster runs."""
+    from assets.analytics_performance import instance_performance
+    from jobs.inprocess import use_instance
+
+    control = _config(config)
+    name = _repository(control, repo).name if repo else None
+    start, until = _period(since)
+    report = instance_performance(
+        use_instance(control),
+        control,
+        HistoryStore(control.history_db_url),
+        since=start,
+        until=until,
+        repository=name,
+    )
+    regressions = report.benchmarks[report.benchmarks["regressed"]]
+    sections = {
+        "stages": report.stages,
+        "slowest_tests": report.slowest_tests,
+        "benchmark_regressions": regressions,
+        "cache": report.cache,
+        "jobs": report.jobs,
+    }
+    if as_json:
+        document = {
+            "repository": name,
+            "since": start.isoformat(),
+            "until": until.isoformat(),
+            "summary": report.summary(),
+            "builds": _records(report.builds),
+            **{title: _records(frame) for title, frame in sections.items()},
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        _print_sections(report.summary(), sections)
+
+
+@metrics_app.command("usage")
+def metrics_usage(
+    repo: RepoOption = None,
+    since: Annotated[str, typer.Option(help="30d, 12h, 45m or an ISO date")] = "30d",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Who triggers what, materializations per asset and repository, the busiest hours,
+    deployments per environment, requests per version through the routers."""
+    from assets.analytics_performance import instance_usage
+    from jobs.inprocess import use_instance
+
+    control = _config(config)
+    name = _repository(control, repo).name if repo else None
+    start, until = _period(since)
+    report = instance_usage(
+        use_instance(control),
+        control,
+        HistoryStore(control.history_db_url),
+        since=start,
+        until=until,
+        repository=name,
+    )
+    sections = {
+        "triggers": report.triggers,
+        "assets": report.assets,
+        "repositories": report.repositories,
+        "hours": report.hours,
+        "deployments": report.deployments,
+        "requests": report.requests,
+    }
+    if as_json:
+        document = {
+            "repository": name,
+            "since": start.isoformat(),
+            "until": until.isoformat(),
+            "summary": report.summary(),
+            **{title: _records(frame) for title, frame in sections.items()},
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        _print_sections(report.summary(), sections)
+
+
+@metrics_app.command("flaky")
+def metrics_flaky(
+    repo: RepoOption = None,
+    since: Annotated[str, typer.Option(help="30d, 12h, 45m or an ISO date")] = "30d",
+    min_runs: Annotated[
+        int, typer.Option("--min-runs", min=1, help="rank only tests run at least this often")
+    ] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Flaky tests (passed and failed on the same commit), flakiest first by flip rate
+    (flips / (runs - 1)), and quarantine entries that match no test any more."""
+    from cicd_dagster.analytics.flaky import collect_test_health
+
+    control = _config(config)
+    names = [_repository(control, repo).name] if repo else None
+    start, _ = _period(since)
+    health = collect_test_health(
+        control,
+        HistoryStore(control.history_db_url),
+        start,
+        repositories=names,
+        min_runs=min_runs,
+    )
+    ranking = health.ranking
+    summary = {
+        "flaky_tests": len(ranking),
+        "worst_flip_rate": float(ranking["flip_rate"].max()) if len(ranking) else None,
+        "stale_quarantine": sum(len(r.stale_quarantine) for r in health.repositories),
+    }
+    if as_json:
+        document = {
+            "repository": repo,
+            "since": start.isoformat(),
+            "min_runs": min_runs,
+            "summary": summary,
+            "repositories": [dataclasses.asdict(r) for r in health.repositories],
+            "tests": _records(ranking),
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    shown = ranking.assign(
+        commits=ranking["commits"].map(lambda shas: " ".join(sha[:12] for sha in shas)),
+        flip_rate=ranking["flip_rate"].round(3),
+    )
+    quarantine = pd.DataFrame(
+        {
+            "repository": r.repository,
+            "commit": (r.quarantine_commit or "")[:12],
+            "entries": " ".join(r.quarantine),
+            "stale": r.quarantine_error or " ".join(r.stale_quarantine),
+        }
+        for r in health.repositories
+    )
+    _print_sections(summary, {"flaky_tests": shown, "quarantine": quarantine})
 
 
 def main() -> None:

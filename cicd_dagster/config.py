@@ -806,6 +806,9 @@ class TestsConfig(_StrictModel):
     integration: TestStageConfig | None = None
     e2e: TestStageConfig | None = None
     performance: TestStageConfig | None = None
+    quarantine: list[Annotated[str, Field(min_length=1)]] = []
+    """Test ids ("classname::name", fnmatch patterns) whose failures are reported but fail no
+    gate: known-flaky tests while someone fixes them."""
 
     @model_validator(mode="after")
     def _default_performance_benchmarks(self) -> Self:

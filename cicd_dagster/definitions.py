@@ -1,6 +1,6 @@
 """Assembles the Definitions: one partition set, asset group, CI job and sensor per repository,
 plus a deployment asset and deploy job per environment (and a QA asset and job where
-qa: true), the nightly security rescan and the housekeeping jobs.
+qa: true), the nightly security rescan, the housekeeping jobs and the analytics.
 
 The configuration comes from cicd.yaml (CICD_CONFIG, default ./cicd.yaml); this module
 only wires what assets/, jobs/ and sensors/ build.
@@ -12,12 +12,14 @@ from pathlib import Path
 from dagster import Definitions
 
 from assets import ci_assets, deployment_assets, drift_checks, qa_assets
+from assets.analytics import analytics_assets
 from assets.partitions import commit_partitions
 from assets.release import release_asset
 from assets.rescan import rescan_asset
 from cicd_dagster.config import ControlConfig, load_control_config
 from cicd_dagster.resources import CicdResource
 from jobs import ci_job, deploy_job, qa_job, release_job, rescan_job, rescan_schedule
+from jobs.analytics import analytics_job, analytics_schedule, analytics_sensor
 from jobs.housekeeping import housekeeping_jobs, housekeeping_schedules
 from sensors.approvals import approval_sensors
 from sensors.drift import drift_sensor
@@ -53,6 +55,10 @@ def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Def
     rescan = rescan_job()
     jobs.append(rescan)
     housekeeping = housekeeping_jobs()
+    assets.extend(analytics_assets(config))
+    analytics = analytics_job()
+    jobs.append(analytics)
+    sensors.append(analytics_sensor(analytics))
     if config.environments:
         sensors += [deployment_health_sensor(config), drift_sensor(config)]
     # Failed runs are recorded as events always, and delivered where channels are configured.
@@ -63,7 +69,11 @@ def build_definitions(config: ControlConfig, *, stream_logs: bool = True) -> Def
         assets=assets,
         asset_checks=drift_checks(config),
         jobs=[*jobs, *housekeeping],
-        schedules=[rescan_schedule(config, rescan), *housekeeping_schedules(config, housekeeping)],
+        schedules=[
+            rescan_schedule(config, rescan),
+            *housekeeping_schedules(config, housekeeping),
+            analytics_schedule(analytics),
+        ],
         sensors=sensors,
         resources={
             "cicd": CicdResource(config_path=str(config.config_path), stream_logs=stream_logs)

@@ -36,6 +36,8 @@ GENERATION_PATH = "/__router"
 # Debian puts nginx in /usr/sbin, which is not on a non-root user's PATH.
 _SBIN_DIRS = "/usr/sbin:/usr/local/sbin"
 _BACKEND_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A version is written into the config as a quoted string: nothing that could end it.
+_VERSION = re.compile(r"[A-Za-z0-9_.+:-]+")
 # Paths are written into the config as quoted strings; these would end the string, escape
 # a character or (in access_log) start a variable.
 _UNSAFE_PATH_CHARS = re.compile(r'["\\$\x00-\x1f]')
@@ -56,12 +58,14 @@ class Backend:
     """One upstream: a slot of the service listening on 127.0.0.1:port.
 
     weight is 0..100, relative to the other backends; 0 keeps the backend out of the
-    upstream (no traffic) while weights() still reports it.
+    upstream (no traffic) while weights() still reports it. version, when given, is
+    written into the access log beside every request the backend answered.
     """
 
     name: str
     port: int
     weight: int
+    version: str = ""
 
     def __post_init__(self) -> None:
         # The name is written into the nginx config (as a comment) and the logs: keep
@@ -72,6 +76,10 @@ class Backend:
             raise RouterError(f"backend {self.name}: port {self.port} is not in 1..65535")
         if not 0 <= self.weight <= 100:
             raise RouterError(f"backend {self.name}: weight {self.weight} is not in 0..100")
+        if self.version and not _VERSION.fullmatch(self.version):
+            raise RouterError(
+                f"backend {self.name}: version {self.version!r} must match {_VERSION.pattern}"
+            )
 
 
 def find_nginx(name: str = "nginx") -> str | None:
@@ -90,6 +98,12 @@ def render_nginx_config(
         f"        server 127.0.0.1:{backend.port} weight={backend.weight} max_fails=0;"
         f"  # {backend.name}"
         for backend in active
+    )
+    # The version of the backend that answered: the last address nginx tried.
+    versions = "\n".join(
+        f'        ~(^|[^0-9.])127[.]0[.]0[.]1:{backend.port}$ "{backend.version}";'
+        for backend in active
+        if backend.version
     )
     temp = root / "temp"
     # A root master drops its workers to `nobody`, which cannot enter a private (0700)
@@ -115,11 +129,16 @@ http {{
     uwsgi_temp_path {_quoted(temp / "uwsgi")};
     scgi_temp_path {_quoted(temp / "scgi")};
 
+    map $upstream_addr $cicd_backend_version {{
+        default "";
+{versions}
+    }}
+
     # One JSON object a line; upstream_addr lists every backend tried for the request.
     log_format router escape=json '{{"time":"$time_iso8601","method":"$request_method",'
         '"uri":"$request_uri","status":$status,"request_time":$request_time,'
         '"upstream_addr":"$upstream_addr","upstream_status":"$upstream_status",'
-        '"upstream_response_time":"$upstream_response_time"}}';
+        '"upstream_response_time":"$upstream_response_time","version":"$cicd_backend_version"}}';
     access_log {_quoted(root / "access.log")} router;
 
     upstream backends {{
@@ -180,7 +199,8 @@ class NginxRouter:
     @property
     def access_log_path(self) -> Path:
         """JSON lines: time, method, uri, status, request_time, upstream_addr (every
-        backend tried, comma-separated), upstream_status, upstream_response_time."""
+        backend tried, comma-separated), upstream_status, upstream_response_time, version
+        (of the backend that answered; empty without one)."""
         return self.root / "access.log"
 
     @property

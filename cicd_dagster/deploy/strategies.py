@@ -146,7 +146,7 @@ class Slot:
     """Epoch seconds when the slot left traffic (weight > 0 -> 0): its rollback window."""
 
     def backend(self) -> Backend:
-        return Backend(self.name, self.port, self.weight)
+        return Backend(self.name, self.port, self.weight, self.version)
 
 
 @dataclass

@@ -21,6 +21,9 @@ GATES_BY_STAGE = {
     "qa": ("min_pass_rate",),  # the QA suite against a deployed environment
 }
 
+# A gate's detail names this many quarantined failures; the stage's metadata lists them all.
+_NAMED_QUARANTINED = 5
+
 
 def evaluate_gates(gates: GatesConfig, outcome: TestStageOutcome) -> list[GateRecord]:
     judges = {
@@ -39,13 +42,21 @@ def evaluate_gates(gates: GatesConfig, outcome: TestStageOutcome) -> list[GateRe
 def _pass_rate(gates: GatesConfig, outcome: TestStageOutcome) -> GateRecord:
     threshold = gates.min_pass_rate
     summary = outcome.summary
-    if summary is None or summary.pass_rate is None:
-        return GateRecord("min_pass_rate", False, None, threshold, "no test case ran")
-    rate = summary.pass_rate
-    detail = (
-        f"{summary.passed} of {summary.tests - summary.skipped} tests passed "
-        f"({rate:.1%}; minimum {threshold:.1%})"
-    )
+    # Quarantined failures are left out of the rate, and said.
+    quarantined = len(outcome.quarantined)
+    judged = 0 if summary is None else summary.tests - summary.skipped - quarantined
+    if summary is None or judged == 0:
+        detail = "no test case ran" + (" outside the quarantine" if quarantined else "")
+        return GateRecord("min_pass_rate", False, None, threshold, detail)
+    rate = summary.passed / judged
+    detail = f"{summary.passed} of {judged} tests passed ({rate:.1%}; minimum {threshold:.1%})"
+    if quarantined:
+        noun = "failure" if quarantined == 1 else "failures"
+        named = ", ".join(outcome.quarantined[:_NAMED_QUARANTINED])
+        more = quarantined - _NAMED_QUARANTINED
+        detail += f"; {quarantined} quarantined {noun}: {named}" + (
+            f" and {more} more" if more > 0 else ""
+        )
     passed = rate >= threshold
     if outcome.failure:
         # A crashed or timed-out run may have reported only part of its tests.

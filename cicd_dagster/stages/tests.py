@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from cicd_dagster.analytics.flaky import quarantined_failures
 from cicd_dagster.config import PipelineConfig, TestStageConfig
 from cicd_dagster.reports import ReportError
 from cicd_dagster.reports.benchmark import compare_benchmarks, parse_benchmark_json
@@ -49,6 +51,7 @@ class TestStageOutcome:
     benchmarks: pd.DataFrame | None = None  # with baseline_mean_s and regression columns
     reports: tuple[str, ...] = ()
     reused: bool = False
+    quarantined: tuple[str, ...] = ()  # ids of the failed tests tests.quarantine lets through
 
     @property
     def configured(self) -> bool:
@@ -68,11 +71,16 @@ def run_test_stage(
     with ctx.workspace.stage_lock(stage):
         # The build's fingerprint covers the commit, the env and the checkout it ran in.
         stage_fingerprint = fingerprint(stage_config.model_dump(mode="json"), build.fingerprint)
+        quarantine = pipeline.tests.quarantine
         cached = None if ctx.force else ctx.workspace.load_result(stage, stage_fingerprint)
         if cached is not None:
-            return read_reports(ctx, stage, stage_config, baseline, CommandsRun(**cached), True)
+            return read_reports(
+                ctx, stage, stage_config, baseline, CommandsRun(**cached), True, quarantine
+            )
         env = ctx.step_env(stage, pipeline, build.env_dir)
-        outcome, commands = run_and_read(ctx, stage, stage_config, env, baseline)
+        outcome, commands = run_and_read(
+            ctx, stage, stage_config, env, baseline, quarantine=quarantine
+        )
         if outcome.status == "success":
             ctx.workspace.save_result(stage, stage_fingerprint, asdict(commands))
         return outcome
@@ -86,6 +94,7 @@ def run_and_read(
     baseline: pd.DataFrame | None = None,
     *,
     cwd: Path | None = None,
+    quarantine: Sequence[str] = (),
 ) -> tuple[TestStageOutcome, CommandsRun]:
     """Run the stage's commands (in the checkout, or `cwd`) into a fresh reports folder
     and read what they reported; StageError when nothing readable was reported."""
@@ -109,7 +118,7 @@ def run_and_read(
             break
     commands = CommandsRun(time.monotonic() - started, exit_code, failure)
     try:
-        return read_reports(ctx, stage, config, baseline, commands), commands
+        return read_reports(ctx, stage, config, baseline, commands, quarantine=quarantine), commands
     except StageError as error:
         if failure:
             raise StageError(f"{failure}; {error.message}", log_tail=log_tail) from error
@@ -123,8 +132,13 @@ def read_reports(
     baseline: pd.DataFrame | None,
     commands: CommandsRun,
     reused: bool = False,
+    quarantine: Sequence[str] = (),
 ) -> TestStageOutcome:
-    """Parse everything the stage wrote under its reports folder."""
+    """Parse everything the stage wrote under its reports folder.
+
+    Failures of quarantined tests fail neither the stage nor its commands: a test command
+    that exited 1 (what test runners exit when tests failed) with only quarantined failures
+    succeeded."""
     reports_dir = ctx.workspace.reports_dir(stage)
     coverage_path = reports_dir / config.coverage if config.coverage else None
     junit_files = [
@@ -147,19 +161,24 @@ def read_reports(
     except ReportError as error:
         raise StageError(f"{stage}: {error}") from error
     summary = summarize(cases)
-    tests_failed = summary.failed + summary.errors > 0
+    quarantined = quarantined_failures(cases, quarantine)
+    tests_failed = summary.failed + summary.errors > len(quarantined)
+    failure = commands.failure
+    if quarantined and not tests_failed and commands.exit_code == 1:
+        failure = None
     return TestStageOutcome(
         stage=stage,
-        status="failed" if commands.failure or tests_failed else "success",
+        status="failed" if failure or tests_failed else "success",
         duration_s=commands.duration_s,
         exit_code=commands.exit_code,
-        failure=commands.failure,
+        failure=failure,
         cases=cases,
         summary=summary,
         coverage=coverage,
         benchmarks=benchmarks,
         reports=tuple(p.relative_to(reports_dir).as_posix() for p in junit_files),
         reused=reused,
+        quarantined=quarantined,
     )
 
 

@@ -32,6 +32,7 @@ from cicd_dagster.store.models import (
     DELIVERY_STATUSES,
     DEPLOYMENT_STATUSES,
     EVENT_KINDS,
+    EXTERNAL_EVENT_TYPES,
     FINDING_KINDS,
     FINDING_SEVERITIES,
     FINDING_SOURCES,
@@ -49,6 +50,7 @@ from cicd_dagster.store.models import (
     Delivery,
     Deployment,
     Event,
+    ExternalEvent,
     Finding,
     GateResult,
     HealthProbe,
@@ -245,6 +247,30 @@ class ReleaseRecord:
     report_path: str | None = None
     run_id: str | None = None
     created_by: str | None = None
+
+
+@dataclass(frozen=True)
+class ExternalEventRecord:
+    """A change, deployment or incident from another system (a row of external_events)."""
+
+    repository: str
+    source_id: str
+    type: str  # change, deployment or incident
+    time: datetime
+    sha: str | None = None
+    changes: tuple[str, ...] = ()
+    root_cause: str | None = None
+    resolved_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did, by source id: new rows, rows already there as given, and ids
+    already imported with other content (kept as they were)."""
+
+    imported: list[str]
+    unchanged: list[str]
+    conflicting: list[str]
 
 
 class HistoryStore:
@@ -1392,6 +1418,200 @@ class HistoryStore:
         if since is not None:
             statement = statement.where(Release.created_at >= since)
         return self._read(statement)
+
+    # --- analytics: performance ---
+
+    def stage_durations(
+        self, repository: str | None = None, since: datetime | None = None
+    ) -> pd.DataFrame:
+        """One row per stage of every build created at or after `since`, oldest build
+        first: repository, commit, branch, created_at (of the build), stage, status,
+        started_at, duration_s, reused."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Build.created_at,
+                Stage.name.label("stage"),
+                Stage.status,
+                Stage.started_at,
+                Stage.duration_s,
+                Stage.reused,
+            )
+            .select_from(Stage)
+            .join(Build)
+            .join(Repository)
+            .order_by(Build.created_at, Build.id, _stage_order(Stage.name))
+        )
+        return self._read(_filter_builds(statement, repository, since, None))
+
+    def benchmark_history(
+        self, repository: str | None = None, since: datetime | None = None
+    ) -> pd.DataFrame:
+        """One row per benchmark of every build created at or after `since`, oldest first:
+        repository, commit, branch, created_at, name, fullname, mean_s, median_s,
+        baseline_mean_s, regression and the build's max_perf_regression threshold (NaN
+        without one)."""
+        threshold = (
+            sa.select(GateResult.build_id, GateResult.threshold)
+            .where(GateResult.stage == "performance", GateResult.name == "max_perf_regression")
+            .subquery()
+        )
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Build.branch,
+                Build.created_at,
+                Benchmark.name,
+                Benchmark.fullname,
+                Benchmark.mean_s,
+                Benchmark.median_s,
+                Benchmark.baseline_mean_s,
+                Benchmark.regression,
+                threshold.c.threshold,
+            )
+            .select_from(Benchmark)
+            .join(Stage)
+            .join(Build)
+            .join(Repository)
+            .outerjoin(threshold, threshold.c.build_id == Build.id)
+            .order_by(Build.created_at, Build.id, Benchmark.id)
+        )
+        return self._read(_filter_builds(statement, repository, since, None))
+
+    # --- analytics: flaky tests ---
+
+    def test_outcomes(
+        self,
+        repository: str | None = None,
+        since: datetime | None = None,
+        *,
+        commit_sha: str | None = None,
+        stage: str | None = None,
+    ) -> pd.DataFrame:
+        """One row per recorded test case (no messages), oldest stage run first: repository,
+        commit, stage, started_at (of the stage's last run), classname, name, status, flaky.
+        `since` keeps the stage runs started at or after it."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Build.commit_sha.label("commit"),
+                Stage.name.label("stage"),
+                Stage.started_at,
+                TestCase.classname,
+                TestCase.name,
+                TestCase.status,
+                TestCase.flaky,
+            )
+            .select_from(TestCase)
+            .join(Stage)
+            .join(Build)
+            .join(Repository)
+            .order_by(Stage.started_at, Stage.id, TestCase.id)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if since is not None:
+            statement = statement.where(Stage.started_at >= since)
+        if commit_sha is not None:
+            statement = statement.where(Build.commit_sha == commit_sha)
+        if stage is not None:
+            statement = statement.where(Stage.name == stage)
+        return self._read(statement)
+
+    # --- analytics: dora ---
+
+    def import_events(self, events: Sequence[ExternalEventRecord], *, at: datetime) -> ImportResult:
+        """Store the events not stored yet, keyed by (repository, source id): importing the
+        same events again changes nothing."""
+        result = ImportResult([], [], [])
+        with self._writing() as session:
+            for event in events:
+                if event.type not in EXTERNAL_EVENT_TYPES:
+                    raise ValueError(
+                        f"event type {event.type!r}: expected one of {EXTERNAL_EVENT_TYPES}"
+                    )
+                repository_id = _upsert(session, Repository, {"name": event.repository}, {}).id
+                row = {
+                    "type": event.type,
+                    "time": event.time,
+                    "sha": event.sha,
+                    "changes": list(event.changes),
+                    "root_cause": event.root_cause,
+                    "resolved_at": event.resolved_at,
+                }
+                stored = session.scalar(
+                    sa.select(ExternalEvent).where(
+                        ExternalEvent.repository_id == repository_id,
+                        ExternalEvent.source_id == event.source_id,
+                    )
+                )
+                if stored is None:
+                    key = {"repository_id": repository_id, "source_id": event.source_id}
+                    _insert_new(session, ExternalEvent, [{**key, **row, "imported_at": at}])
+                    result.imported.append(event.source_id)
+                elif all(getattr(stored, column) == value for column, value in row.items()):
+                    result.unchanged.append(event.source_id)
+                else:
+                    result.conflicting.append(event.source_id)
+        return result
+
+    def external_events(self, repository: str | None = None) -> pd.DataFrame:
+        """The imported events, oldest first: repository, id (the source's), type, time,
+        sha, changes (a list), root_cause, resolved_at."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                ExternalEvent.source_id.label("id"),
+                ExternalEvent.type,
+                ExternalEvent.time,
+                ExternalEvent.sha,
+                ExternalEvent.changes,
+                ExternalEvent.root_cause,
+                ExternalEvent.resolved_at,
+            )
+            .select_from(ExternalEvent)
+            .join(Repository)
+            .order_by(ExternalEvent.time, ExternalEvent.id)
+        )
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        return self._read(statement)
+
+    def verified_deployments(self, repository: str, environment: str) -> pd.DataFrame:
+        """The environment's "deployed" deployments, oldest first: id, commit, started_at,
+        finished_at."""
+        statement = (
+            sa.select(
+                Deployment.id,
+                Deployment.commit_sha.label("commit"),
+                Deployment.started_at,
+                Deployment.finished_at,
+            )
+            .join(Repository)
+            .where(
+                Repository.name == repository,
+                Deployment.environment == environment,
+                Deployment.status == "deployed",
+            )
+            .order_by(Deployment.started_at, Deployment.id)
+        )
+        return self._read(statement)
+
+    def delivery_marker(self) -> str:
+        """Changes whenever a deployment or incident is recorded, an incident closes or
+        an event is imported: what the analytics sensor compares between ticks."""
+        counts = [
+            sa.select(sa.func.max(Deployment.id)).scalar_subquery(),
+            sa.select(sa.func.max(Incident.id)).scalar_subquery(),
+            sa.select(sa.func.count(Incident.closed_at)).scalar_subquery(),
+            sa.select(sa.func.max(ExternalEvent.id)).scalar_subquery(),
+        ]
+        with self._engine.connect() as connection:
+            row = connection.execute(sa.select(*counts)).one()
+        return ":".join("-" if value is None else str(value) for value in row)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -397,3 +397,31 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text)
     next_attempt_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
+
+
+# fourkeys' three kinds of delivery event, as `cicd events import` takes them.
+EXTERNAL_EVENT_TYPES = ("change", "deployment", "incident")
+
+
+class ExternalEvent(Base):
+    """A change, deployment or incident imported from another system (`cicd events
+    import`), keyed by its id there: importing it again changes nothing."""
+
+    __tablename__ = "external_events"
+    __table_args__ = (
+        sa.UniqueConstraint("repository_id", "source_id"),
+        sa.Index(None, "repository_id", "type", "time"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))
+    source_id: Mapped[str] = mapped_column(sa.String(255))
+    type: Mapped[str] = mapped_column(sa.String(16))
+    time: Mapped[datetime]
+    sha: Mapped[str | None] = mapped_column(sa.String(64))
+    """The change's commit, or the deployment's main commit."""
+    changes: Mapped[list[str]]
+    """A deployment's changes (commit shas); empty for the other types."""
+    root_cause: Mapped[str | None] = mapped_column(sa.String(64))
+    resolved_at: Mapped[datetime | None]
+    imported_at: Mapped[datetime]
