@@ -403,7 +403,8 @@ def test_the_ui_shows_the_repository_job_and_sensor(plane: Plane) -> None:
     assert repository["name"] == "__repository__"
     assert JOB in {job["name"] for job in repository["jobs"]}
     sensors = {sensor["name"]: sensor["sensorState"]["status"] for sensor in repository["sensors"]}
-    assert sensors == {f"{REPO}_commits": "RUNNING"}
+    # The run-failure sensor turns failed runs into `failed` events for notifications.
+    assert sensors == {f"{REPO}_commits": "RUNNING", "run_failure_events": "RUNNING"}
 
 
 def test_repository_root_workspace_loads_without_error(tmp_path: Path) -> None:
