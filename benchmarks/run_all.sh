@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the five benchmarks one after the other (never in parallel: they would disturb
+# Runs the six benchmarks one after the other (never in parallel: they would disturb
 # each other's timings). Each prints a table and writes benchmarks/results/<name>.json.
 #   RUNS=5 COMMITS=5 bash benchmarks/run_all.sh
 set -uo pipefail
@@ -20,4 +20,5 @@ bench 1200 benchmarks/bench_rerun.py --reruns "$runs"
 bench 900 benchmarks/bench_sensor_latency.py --commits "$commits"
 bench 600 benchmarks/bench_deploy.py --runs "$runs"
 bench 900 benchmarks/bench_security.py --runs "$runs"
+bench 2400 benchmarks/bench_history_scale.py --runs "$runs"
 exit "$status"

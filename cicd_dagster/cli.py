@@ -946,9 +946,11 @@ def report_quality(
     config: ConfigOption = None,
 ) -> None:
     """Write the quality report of a repository over a period (builds and pass rates per
-    day, failing and slowest tests, gates, findings, deployments, incidents); prints its
-    path."""
+    day, failing, flaky and slowest tests, gates, findings, deployments, incidents, DORA
+    metrics, build durations, benchmark regressions, cache hit rate); prints its path."""
+    from assets.analytics_performance import build_env_records
     from cicd_dagster.quality import render_quality_report
+    from jobs.inprocess import use_instance
 
     control = _config(config)
     names = [_repository(control, repo).name] if repo else [r.name for r in control.repositories]
@@ -959,8 +961,11 @@ def report_quality(
     if start >= datetime.now(UTC):
         raise UsageError(f"--since {since!r} is not in the past")
     history = HistoryStore(control.history_db_url)
+    build_envs = build_env_records(use_instance(control), control, start)
     for name in names:
-        path = render_quality_report(control, history, name, start, output=output)
+        path = render_quality_report(
+            control, history, name, start, output=output, build_envs=build_envs
+        )
         sys.stdout.write(f"{path}\n")
 
 

@@ -2,7 +2,10 @@
 
 Builds and test pass rates per day (per week beyond three months), the failing and the
 slowest tests, failed gates, security findings by severity, deployments and rollbacks per
-environment, and incidents, all read from the history DB.
+environment, and incidents, all read from the history DB; and the analytics of the same
+period: DORA's four keys with their levels, the flaky tests, build and stage durations,
+benchmark regressions and (given the Dagster instance's build records) the dependency
+cache hit rate. Charts are inline SVG, like the rest of the page.
 """
 
 from __future__ import annotations
@@ -13,14 +16,24 @@ from typing import Any
 
 import pandas as pd
 
+from cicd_dagster.analytics.dora import NO_DATA, DeliveryEvents, DoraMetrics, all_dora_metrics
+from cicd_dagster.analytics.flaky import TestHealth, collect_test_health
+from cicd_dagster.analytics.performance import (
+    BUILD_ENV_COLUMNS,
+    RUN_COLUMNS,
+    PerformanceReport,
+    performance_report,
+)
 from cicd_dagster.config import ControlConfig
-from cicd_dagster.html_report import Bar, Segment, bar_chart, css_class, render
+from cicd_dagster.html_report import Bar, Segment, bar_chart, css_class, duration, percent, render
 from cicd_dagster.store import HistoryStore
 from cicd_dagster.store.models import FINDING_SEVERITIES
 
 # Beyond this many days, the charts count per week rather than per day.
 _DAILY_UP_TO_DAYS = 92
 _TOP = 15
+# The colour of a DORA level (classes of base.html.j2).
+_LEVEL_CLASSES = {"elite": "ok", "high": "ok", "medium": "warn", "low": "bad"}
 
 
 def render_quality_report(
@@ -31,18 +44,28 @@ def render_quality_report(
     *,
     now: datetime | None = None,
     output: Path | None = None,
+    build_envs: pd.DataFrame | None = None,
 ) -> Path:
     """Write the report of `repository` from `since` to now; returns its path (default
-    home/reports/<repo>/quality-<today>.html)."""
+    home/reports/<repo>/quality-<today>.html). `build_envs` are the Dagster instance's
+    build records (assets.analytics_performance.build_env_records): without them the
+    cache hit rate is shown as unknown."""
     now = now or datetime.now(UTC)
     if since.tzinfo is None or since >= now:
         raise ValueError(f"since must be a timezone-aware moment before now, not {since}")
     path = output or config.home / "reports" / repository / f"quality-{now:%Y-%m-%d}.html"
-    return render("quality.html.j2", quality_context(history, repository, since, now), path)
+    context = quality_context(config, history, repository, since, now, build_envs=build_envs)
+    return render("quality.html.j2", context, path)
 
 
 def quality_context(
-    history: HistoryStore, repository: str, since: datetime, now: datetime
+    config: ControlConfig,
+    history: HistoryStore,
+    repository: str,
+    since: datetime,
+    now: datetime,
+    *,
+    build_envs: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """What the template shows, in plain values."""
     builds = history.builds(repository=repository, since=since)
@@ -53,6 +76,17 @@ def quality_context(
     incidents = history.incidents(repository=repository)
     incidents = incidents[incidents["closed_at"].isna() | (incidents["closed_at"] >= since)]
     periods = _periods(builds, since, now)
+    ((dora, events),) = all_dora_metrics(config, history, since, now, [repository])
+    health = collect_test_health(config, history, since, repositories=[repository])
+    performance = performance_report(
+        history,
+        since=since,
+        until=now,
+        build_envs=pd.DataFrame(columns=BUILD_ENV_COLUMNS) if build_envs is None else build_envs,
+        # Run records are the instance's, across repositories: not part of this page.
+        runs=pd.DataFrame(columns=RUN_COLUMNS),
+        repository=repository,
+    )
     executed = int(builds[["passed", "failed", "errors"]].to_numpy().sum())
     finding_summary = _findings(findings)
     return {
@@ -103,7 +137,7 @@ def quality_context(
             unit=" %",
         ),
         "failing_tests": _failing_tests(tests),
-        "slowest_tests": _slowest_tests(tests),
+        "slowest_tests": _slowest_tests(performance),
         "flaky_tests": int(tests["flaky"].astype(bool).sum()),
         "gate_failures": _gate_failures(gates),
         "findings": finding_summary,
@@ -120,6 +154,9 @@ def quality_context(
         "environments": _environments(deployments),
         "rollbacks": deployments[deployments["status"] == "rolled_back"].to_dict("records"),
         "incidents": incidents.to_dict("records"),
+        "dora": _dora(config, dora, events, since, now),
+        "flaky": _flaky(health),
+        "performance": _performance(performance, since, now, cache_known=build_envs is not None),
     }
 
 
@@ -127,15 +164,21 @@ def _daily(since: datetime, now: datetime) -> bool:
     return (now - since).days <= _DAILY_UP_TO_DAYS
 
 
+def _by_period(
+    frame: pd.DataFrame, column: str, since: datetime, now: datetime
+) -> list[tuple[pd.Period, pd.DataFrame]]:
+    """Every day (or week) from `since` to `now`, with the rows whose `column` falls in it."""
+    frequency = "D" if _daily(since, now) else "W"
+    span = pd.period_range(_period(since, frequency), _period(now, frequency), freq=frequency)
+    keys = frame[column].map(lambda moment: _period(moment, frequency))
+    return [(period, frame[keys == period]) for period in span]
+
+
 def _periods(builds: pd.DataFrame, since: datetime, now: datetime) -> list[dict[str, Any]]:
     """Per day (or week) from `since` to `now`, also those without a build: counts, pass rate
     and mean duration."""
-    frequency = "D" if _daily(since, now) else "W"
-    span = pd.period_range(_period(since, frequency), _period(now, frequency), freq=frequency)
-    keys = builds["created_at"].map(lambda moment: _period(moment, frequency))
     rows = []
-    for period in span:
-        chunk = builds[keys == period]
+    for period, chunk in _by_period(builds, "created_at", since, now):
         executed = int(chunk[["passed", "failed", "errors"]].to_numpy().sum())
         rows.append(
             {
@@ -184,30 +227,18 @@ def _failing_tests(tests: pd.DataFrame) -> list[dict[str, Any]]:
     return rows[:_TOP]
 
 
-def _slowest_tests(tests: pd.DataFrame) -> list[dict[str, Any]]:
-    timed = tests.dropna(subset=["duration_s"])
-    if timed.empty:
-        return []
-    slowest = (
-        timed.groupby(["stage", "classname", "name"])
-        .agg(
-            mean_s=("duration_s", "mean"),
-            max_s=("duration_s", "max"),
-            runs=("duration_s", "size"),
-        )
-        .sort_values("mean_s", ascending=False)
-        .head(10)
-        .reset_index()
-    )
+def _slowest_tests(performance: PerformanceReport) -> list[dict[str, Any]]:
+    """The slowest tests of the period, beside their mean in the period as long before."""
     return [
         {
             "stage": row["stage"],
             "test": _test_name(row["classname"], row["name"]),
             "mean_s": row["mean_s"],
-            "max_s": row["max_s"],
+            "previous_mean_s": row["previous_mean_s"],
+            "change": row["change"],
             "runs": row["runs"],
         }
-        for row in slowest.to_dict("records")
+        for row in performance.slowest_tests.to_dict("records")
     ]
 
 
@@ -277,3 +308,177 @@ def _environments(deployments: pd.DataFrame) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# --- analytics ------------------------------------------------------------------------------
+
+
+def _dora(
+    config: ControlConfig,
+    metrics: DoraMetrics,
+    events: DeliveryEvents,
+    since: datetime,
+    now: datetime,
+) -> dict[str, Any]:
+    """The four keys as rows (value, what it is computed over, bucket, level) and the
+    production deployments per period as a chart."""
+    frequency, lead, failure, restore = (
+        metrics.deployment_frequency,
+        metrics.lead_time,
+        metrics.change_failure_rate,
+        metrics.time_to_restore,
+    )
+    rows = [
+        (
+            "deployment-frequency",
+            "Deployment frequency",
+            frequency.value,
+            f"{frequency.value:.2f} per week" if frequency.value is not None else None,
+            f"{frequency.count} deployments on {metrics.deployment_days} days",
+            frequency,
+        ),
+        (
+            "lead-time",
+            "Lead time for changes",
+            lead.value,
+            duration(lead.value * 60) if lead.value is not None else None,
+            f"median of {lead.count} changes",
+            lead,
+        ),
+        (
+            "change-failure-rate",
+            "Change failure rate",
+            failure.value,
+            percent(failure.value),
+            f"{metrics.failed_deployments} of {failure.count} deployments",
+            failure,
+        ),
+        (
+            "time-to-restore",
+            "Time to restore service",
+            restore.value,
+            duration(restore.value * 60) if restore.value is not None else None,
+            f"median of {restore.count} restored, of {metrics.incidents} incidents",
+            restore,
+        ),
+    ]
+    deployments = events.deployments
+    times = deployments["time_created"]
+    deployed = deployments[(times > since) & (times <= now)]
+    chart = bar_chart(
+        "production deployments",
+        [
+            Bar(
+                f"{period.start_time:%m-%d}",
+                [Segment(len(chunk), "ok", f"{len(chunk)} deployments")],
+            )
+            for period, chunk in _by_period(deployed, "time_created", since, now)
+        ],
+    )
+    return {
+        "environment": config.environments[-1].name if config.environments else None,
+        "metrics": [
+            {
+                "id": id_,
+                "name": name,
+                "value": shown if value is not None else NO_DATA,
+                "basis": basis,
+                "bucket": metric.bucket or "",
+                "level": metric.level,
+                "css": _LEVEL_CLASSES.get(metric.level, "muted"),
+            }
+            for id_, name, value, shown, basis, metric in rows
+        ],
+        "deployments": len(deployed),
+        "chart": chart,
+        "notes": metrics.notes,
+    }
+
+
+def _flaky(health: TestHealth) -> dict[str, Any]:
+    """The flakiest tests (flip rate first) and the quarantine's state."""
+    (repository,) = health.repositories
+    ranking = health.ranking.head(_TOP)
+    tests = [
+        {
+            "stage": row["stage"],
+            "test": row["test"],
+            "runs": int(row["runs"]),
+            "flips": int(row["flips"]),
+            "flip_rate": row["flip_rate"],
+            "commits": list(row["commits"]),
+            "last_seen": row["last_seen"],
+            "last_status": row["last_status"],
+            "quarantined": bool(row["quarantined"]),
+        }
+        for row in ranking.to_dict("records")
+    ]
+    chart = bar_chart(
+        "flip rate of the flakiest tests",
+        [
+            Bar(
+                f"#{rank}",
+                [
+                    Segment(
+                        test["flip_rate"] * 100, "warn", f"{test['test']}: {test['flip_rate']:.0%}"
+                    )
+                ],
+            )
+            for rank, test in enumerate(tests[:10], start=1)
+        ],
+        max_value=100,
+        unit=" %",
+    )
+    return {
+        "tests": tests,
+        "count": len(health.ranking),
+        "tests_run": repository.tests,
+        "runs": repository.runs,
+        "min_runs": health.min_runs,
+        "chart": chart,
+        "quarantine": list(repository.quarantine),
+        "stale_quarantine": list(repository.stale_quarantine),
+        "quarantine_commit": repository.quarantine_commit,
+        "quarantine_error": repository.quarantine_error,
+    }
+
+
+def _performance(
+    report: PerformanceReport, since: datetime, now: datetime, *, cache_known: bool
+) -> dict[str, Any]:
+    """Build durations per period, stage durations, benchmark regressions and the cache."""
+    summary = report.summary()
+    builds = report.builds
+    medians = [
+        (period, chunk["duration_s"].median() if len(chunk) else None)
+        for period, chunk in _by_period(builds, "created_at", since, now)
+    ]
+    chart = bar_chart(
+        "median build duration",
+        [
+            Bar(
+                f"{period.start_time:%m-%d}",
+                [Segment(median, "info", duration(median))] if median is not None else [],
+            )
+            for period, median in medians
+        ],
+        unit=" s",
+    )
+    regressions = report.benchmarks[report.benchmarks["regressed"]]
+    cache = report.cache
+    return {
+        "builds": summary["builds"],
+        "build_median_s": summary["build_median_s"],
+        "build_p90_s": summary["build_p90_s"],
+        "chart": chart if len(builds) else None,
+        "stages": report.stages.to_dict("records"),
+        "benchmarks": len(report.benchmarks),
+        "regressions": regressions.sort_values("created_at", ascending=False)
+        .head(_TOP)
+        .to_dict("records"),
+        "regression_count": len(regressions),
+        "cache_known": cache_known,
+        "cache_hit_rate": summary["cache_hit_rate"],
+        "cache_installs": int(cache["installs"].sum()),
+        "cache_hits": int(cache["hits"].sum()),
+    }

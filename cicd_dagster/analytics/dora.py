@@ -210,7 +210,8 @@ def lead_time_for_changes(deployments: pd.DataFrame, changes: pd.DataFrame) -> M
     deployment, of the deployment's time minus the change's, in whole minutes
     (TIMESTAMP_DIFF truncates), leaving out changes of unknown time and values <= 0
     ("automated pushes"); bucketed as the dashboard's "Lead Time to Change Bucket"."""
-    change_times = changes.groupby("change_id")["time_created"].min()
+    known = changes.dropna(subset=["time_created"])
+    change_times = known.groupby("change_id")["time_created"].min()
     minutes = [
         _whole_minutes(deployed_at - change_times[change])
         for deployed_at, deployment_changes in zip(

@@ -75,7 +75,8 @@ def performance_report(
     """The performance of builds created in [since, until) (and runs created then)."""
     window = until - since
     stage_rows = _in_window(history.stage_durations(repository, since), "created_at", until)
-    tests = history.tests(repository=repository, since=since - window)
+    tests = history.test_durations(repository, since, until)
+    tests_before = history.test_durations(repository, since - window, since)
     benchmarks = _in_window(history.benchmark_history(repository, since), "created_at", until)
     if repository is not None:
         build_envs = build_envs[build_envs["repository"] == repository]
@@ -84,7 +85,7 @@ def performance_report(
         until=until,
         builds=build_durations(stage_rows),
         stages=stage_summary(stage_rows),
-        slowest_tests=slowest_tests(tests, since, until, limit=slowest),
+        slowest_tests=slowest_tests(tests, tests_before, limit=slowest),
         benchmarks=mark_regressions(benchmarks),
         cache=cache_hit_rate(_in_window(build_envs, "timestamp", until, since)),
         runs=(timed_runs := run_times(_in_window(runs, "created_at", until, since))),
@@ -130,22 +131,17 @@ def stage_summary(stage_rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def slowest_tests(
-    tests: pd.DataFrame, since: datetime, until: datetime, *, limit: int = 10
+    current: pd.DataFrame, previous: pd.DataFrame, *, limit: int = 10
 ) -> pd.DataFrame:
-    """The `limit` tests with the highest mean duration in [since, until), beside their mean
-    in the window of the same length before `since` (see PerformanceReport)."""
+    """The `limit` tests with the highest mean duration in the period, beside their mean in
+    the window of the same length before it (see PerformanceReport): `current` and
+    `previous` are HistoryStore.test_durations of the two windows."""
     keys = ["repository", "stage", "classname", "name"]
     columns = [*keys, "runs", "mean_s", "previous_mean_s", "change"]
-    timed = tests.dropna(subset=["duration_s"])
-    current = timed[(timed["created_at"] >= since) & (timed["created_at"] < until)]
-    previous = timed[
-        (timed["created_at"] >= since - (until - since)) & (timed["created_at"] < since)
-    ]
     if current.empty:
         return pd.DataFrame(columns=columns)
-    now = current.groupby(keys)["duration_s"].agg(runs="count", mean_s="mean")
-    before = previous.groupby(keys)["duration_s"].mean().rename("previous_mean_s")
-    frame = now.join(before).reset_index()
+    before = previous.set_index(keys)["mean_s"].rename("previous_mean_s")
+    frame = current.join(before, on=keys)
     # A test that took no time before has no relative change to speak of.
     frame["change"] = (frame["mean_s"] - frame["previous_mean_s"]) / frame["previous_mean_s"].where(
         frame["previous_mean_s"] > 0

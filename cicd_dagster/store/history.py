@@ -807,7 +807,7 @@ class HistoryStore:
         passed / (passed + failed + errors), NaN when nothing ran. `since` keeps the builds
         created at or after it.
         """
-        totals = _stage_totals()
+        totals = _stage_totals(repository, since, branch)
         counts = {name: sa.func.coalesce(totals.c[name], 0) for name in _COUNTS}
         executed = counts["passed"] + counts["failed"] + counts["errors"]
         failed_gate = sa.exists().where(
@@ -1446,6 +1446,30 @@ class HistoryStore:
         )
         return self._read(_filter_builds(statement, repository, since, None))
 
+    def test_durations(
+        self, repository: str | None, since: datetime, until: datetime
+    ) -> pd.DataFrame:
+        """Per test timed in the builds created in [since, until): repository, stage,
+        classname, name, runs (with a duration), mean_s. Added up here rather than in
+        pandas: a month of every repository is hundreds of thousands of test cases."""
+        statement = (
+            sa.select(
+                Repository.name.label("repository"),
+                Stage.name.label("stage"),
+                TestCase.classname,
+                TestCase.name,
+                sa.func.count(TestCase.duration_s).label("runs"),
+                sa.func.avg(TestCase.duration_s).label("mean_s"),
+            )
+            .select_from(TestCase)
+            .join(Stage)
+            .join(Build)
+            .join(Repository)
+            .where(TestCase.duration_s.is_not(None), Build.created_at < until)
+            .group_by(Repository.name, Stage.name, TestCase.classname, TestCase.name)
+        )
+        return self._read(_filter_builds(statement, repository, since, None))
+
     def benchmark_history(
         self, repository: str | None = None, since: datetime | None = None
     ) -> pd.DataFrame:
@@ -1855,14 +1879,18 @@ def _insert_rows(
     ]
 
 
-def _stage_totals() -> sa.Subquery:
+def _stage_totals(
+    repository: str | None, since: datetime | None, branch: str | None
+) -> sa.Subquery:
     """Per build: duration, failed stages, succeeded source/build stages, test counts; of
-    its CI stages only (QA of a deployment is not part of the build)."""
+    its CI stages only (QA of a deployment is not part of the build). Only of the builds
+    the filters keep: neither database pushes the outer query's filters into a GROUP BY,
+    so unfiltered it would add up the stages of the whole history on every call."""
 
     def test_stage_sum(column: sa.ColumnElement[int | None], name: str) -> sa.Label[Any]:
         return sa.func.sum(sa.case((Stage.name.in_(TEST_STAGES), column))).label(name)
 
-    return (
+    totals = (
         sa.select(
             Stage.build_id,
             sa.func.sum(Stage.duration_s).label("duration_s"),
@@ -1875,10 +1903,12 @@ def _stage_totals() -> sa.Subquery:
             ).label("green_prerequisites"),
             *[test_stage_sum(getattr(Stage, name), name) for name in _COUNTS],
         )
+        .join(Build)
+        .join(Repository)
         .where(Stage.name.not_in(PROMOTION_STAGES))
         .group_by(Stage.build_id)
-        .subquery()
     )
+    return _filter_builds(totals, repository, since, branch).subquery()
 
 
 def _stage_order(column: sa.ColumnExpressionArgument[str]) -> sa.Case[int]:

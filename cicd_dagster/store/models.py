@@ -113,7 +113,12 @@ class Commit(Base):
 
 class Build(Base):
     __tablename__ = "builds"
-    __table_args__ = (sa.UniqueConstraint("repository_id", "commit_sha"),)
+    __table_args__ = (
+        sa.UniqueConstraint("repository_id", "commit_sha"),
+        # Queries filter builds by creation time, of one repository or of all (0007).
+        sa.Index(None, "created_at"),
+        sa.Index(None, "repository_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     repository_id: Mapped[int] = mapped_column(sa.ForeignKey("repositories.id"))

@@ -163,6 +163,14 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     # here, so the commits on main are built only by the runs this test launches and the
     # assertions see exactly those runs.
     config = control_config(base, {REPO: repo}, repo_extra='branches: ["release/*"]')
+    with running_ui(base, config) as dagster:
+        yield Plane(dagster=dagster, green=green, red=red)
+
+
+@contextlib.contextmanager
+def running_ui(base: Path, config: Path) -> Iterator[Dagster]:
+    """`cicd ui` on a free loopback port with a fresh DAGSTER_HOME under `base`, once its
+    code location has loaded; the whole process group is stopped on exit."""
     home = base / "dagster_home"
     home.mkdir()
     # A fresh instance as a user gets one: defaults (queued runs), no telemetry.
@@ -188,7 +196,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         loaded = entry["locationOrLoadError"]
         assert loaded["__typename"] == "RepositoryLocation", loaded
         dagster.location = entry["name"]
-        yield Plane(dagster=dagster, green=green, red=red)
+        yield dagster
     finally:
         stop_group(process)
 
@@ -403,8 +411,13 @@ def test_the_ui_shows_the_repository_job_and_sensor(plane: Plane) -> None:
     assert repository["name"] == "__repository__"
     assert JOB in {job["name"] for job in repository["jobs"]}
     sensors = {sensor["name"]: sensor["sensorState"]["status"] for sensor in repository["sensors"]}
-    # The run-failure sensor turns failed runs into `failed` events for notifications.
-    assert sensors == {f"{REPO}_commits": "RUNNING", "run_failure_events": "RUNNING"}
+    # The run-failure sensor turns failed runs into `failed` events for notifications; the
+    # analytics sensor refreshes the analytics on new deployments, incidents and events.
+    assert sensors == {
+        f"{REPO}_commits": "RUNNING",
+        "run_failure_events": "RUNNING",
+        "analytics_on_new_history": "RUNNING",
+    }
 
 
 def test_repository_root_workspace_loads_without_error(tmp_path: Path) -> None:
