@@ -1,10 +1,10 @@
 """analytics/build_performance and analytics/usage_analytics: performance trends and usage
 over every repository, from the history DB and this Dagster instance's own records."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from dagster import (
@@ -162,6 +162,23 @@ def instance_usage(
     )
 
 
+ReportT = TypeVar("ReportT")
+
+
+def _last_period(
+    context: AssetExecutionContext,
+    cicd: CicdResource,
+    report_of: Callable[..., ReportT],
+    metadata_of: Callable[[ReportT, Path], dict[str, Any]],
+) -> MaterializeResult:
+    """The report of the last PERIOD from this instance and the history, as metadata with
+    its charts under home/reports/analytics."""
+    until = datetime.now(UTC)
+    control = cicd.control_config()
+    report = report_of(context.instance, control, cicd.history(), since=until - PERIOD, until=until)
+    return MaterializeResult(metadata=metadata_of(report, control.home / "reports" / "analytics"))
+
+
 def analytics_performance_assets(config: ControlConfig) -> list[AssetsDefinition]:
     @asset(
         key=BUILD_PERFORMANCE_KEY,
@@ -171,17 +188,7 @@ def analytics_performance_assets(config: ControlConfig) -> list[AssetsDefinition
         "dependency cache hit rate, queue and run times, over the last 30 days.",
     )
     def build_performance(context: AssetExecutionContext, cicd: CicdResource) -> MaterializeResult:
-        until = datetime.now(UTC)
-        control = cicd.control_config()
-        report = instance_performance(
-            context.instance,
-            control,
-            cicd.history(),
-            since=until - PERIOD,
-            until=until,
-        )
-        charts = control.home / "reports" / "analytics"
-        return MaterializeResult(metadata=performance_metadata(report, charts))
+        return _last_period(context, cicd, instance_performance, performance_metadata)
 
     @asset(
         key=USAGE_ANALYTICS_KEY,
@@ -191,17 +198,7 @@ def analytics_performance_assets(config: ControlConfig) -> list[AssetsDefinition
         "busiest hours, deployments per environment, requests per version, over 30 days.",
     )
     def usage_analytics(context: AssetExecutionContext, cicd: CicdResource) -> MaterializeResult:
-        until = datetime.now(UTC)
-        control = cicd.control_config()
-        report = instance_usage(
-            context.instance,
-            control,
-            cicd.history(),
-            since=until - PERIOD,
-            until=until,
-        )
-        charts = control.home / "reports" / "analytics"
-        return MaterializeResult(metadata=usage_metadata(report, charts))
+        return _last_period(context, cicd, instance_usage, usage_metadata)
 
     return [build_performance, usage_analytics]
 

@@ -1412,6 +1412,31 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return records
 
 
+def _emit_report(
+    repository: str | None,
+    start: datetime,
+    until: datetime,
+    summary: dict[str, Any],
+    sections: dict[str, pd.DataFrame],
+    as_json: bool,
+    json_only: dict[str, pd.DataFrame] | None = None,
+) -> None:
+    """A metrics report as one JSON object (`json_only` frames too), or as its summary and
+    tables for a person."""
+    if not as_json:
+        _print_sections(summary, sections)
+        return
+    frames = {**(json_only or {}), **sections}
+    document = {
+        "repository": repository,
+        "since": start.isoformat(),
+        "until": until.isoformat(),
+        "summary": summary,
+        **{title: _records(frame) for title, frame in frames.items()},
+    }
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
 def _print_sections(summary: dict[str, Any], sections: dict[str, pd.DataFrame]) -> None:
     for name, value in summary.items():
         sys.stdout.write(f"{name:<24} {'no data' if value is None else value}\n")
@@ -1454,18 +1479,7 @@ def metrics_performance(
         "cache": report.cache,
         "jobs": report.jobs,
     }
-    if as_json:
-        document = {
-            "repository": name,
-            "since": start.isoformat(),
-            "until": until.isoformat(),
-            "summary": report.summary(),
-            "builds": _records(report.builds),
-            **{title: _records(frame) for title, frame in sections.items()},
-        }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        _print_sections(report.summary(), sections)
+    _emit_report(name, start, until, report.summary(), sections, as_json, {"builds": report.builds})
 
 
 @metrics_app.command("usage")
@@ -1499,17 +1513,7 @@ def metrics_usage(
         "deployments": report.deployments,
         "requests": report.requests,
     }
-    if as_json:
-        document = {
-            "repository": name,
-            "since": start.isoformat(),
-            "until": until.isoformat(),
-            "summary": report.summary(),
-            **{title: _records(frame) for title, frame in sections.items()},
-        }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        _print_sections(report.summary(), sections)
+    _emit_report(name, start, until, report.summary(), sections, as_json)
 
 
 @metrics_app.command("flaky")
